@@ -1,0 +1,37 @@
+"""deq_jax: deep equilibrium models with Jacobian regularization, in JAX.
+
+The public API is flat:
+
+    import deq_jax
+    z_star, result = deq_jax.fixed_point(f, params, x, z0)
+    penalty = deq_jax.hutchinson_frobenius(lambda z: f(params, x, z), z_star, key)
+    result = deq_jax.solvers.broyden(g, z0)
+"""
+
+from deq_jax import solvers
+from deq_jax.deq import (
+    BackwardStats,
+    Phantom,
+    SolverConfig,
+    adjoint_solve,
+    fixed_point,
+    unrolled,
+)
+from deq_jax.jacobian import exact_frobenius, hutchinson_frobenius, spectral_radius
+from deq_jax.solvers import SolverResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackwardStats",
+    "Phantom",
+    "SolverConfig",
+    "SolverResult",
+    "adjoint_solve",
+    "exact_frobenius",
+    "fixed_point",
+    "hutchinson_frobenius",
+    "solvers",
+    "spectral_radius",
+    "unrolled",
+]

@@ -1,0 +1,249 @@
+"""The implicit (deep equilibrium) layer: z* = f(params, x, z*), differentiated implicitly.
+
+    z_star, stats = fixed_point(f, params, x, z0)
+
+``f(params, x, z) -> z`` is any function of a batch ``z`` (pytree of ``[B, ...]``
+arrays). The forward pass solves for z* with a solver and keeps no tape. The backward
+pass, under ``jax.custom_vjp``, turns the output cotangent g into parameter gradients
+u . df/dparams with u from one of:
+
+* :class:`SolverConfig` (implicit, the default): solve the adjoint fixed point
+  ``u = u J_f(z*) + g`` (J_f = df/dz at z*) with a solver of its own;
+* :class:`Phantom`: differentiate through ``steps`` damped applications of f started
+  at z* (``steps=1, damping=0`` is Jacobian-free backprop, u = g).
+
+The backward solve's statistics leave the backward pass through a *probe*: pass
+``probe=BackwardStats.zeros(B)`` and take the gradient with respect to it; that
+gradient is a :class:`BackwardStats` holding the adjoint solve's steps and residuals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from deq_jax import solvers
+from deq_jax.solvers import base
+
+Array = jax.Array
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverConfig:
+    """Which solver, and how far it runs (hashable, so it is a static argument).
+
+    Attributes:
+      name: one of ``deq_jax.solvers.SOLVERS`` ("broyden", "anderson",
+        "fixed_point_iteration").
+      max_steps: the most solver updates.
+      tol: stop once the stop-mode residual is below this.
+      stop_mode: "rel" or "abs".
+      options: extra keyword arguments of that solver, e.g. ``{"memory": 10}``.
+    """
+
+    name: str = "broyden"
+    max_steps: int = 30
+    tol: float = 1e-3
+    stop_mode: str = "rel"
+    options: Mapping[str, Any] | tuple = ()
+
+    def __post_init__(self):
+        solvers.get(self.name)  # unknown name -> ValueError
+        base.validate(self.max_steps, self.tol, self.stop_mode)
+        options = dict(self.options)
+        object.__setattr__(self, "options", tuple(sorted(options.items())))
+
+    def solve(self, f: Callable, z0: PyTree) -> base.SolverResult:
+        """Runs this solver on ``z = f(z)`` from ``z0``."""
+        solve = solvers.get(self.name)
+        return solve(f, z0, max_steps=self.max_steps, tol=self.tol, stop_mode=self.stop_mode, **dict(self.options))
+
+
+@dataclasses.dataclass(frozen=True)
+class Phantom:
+    """Phantom gradient: backpropagate through ``steps`` damped f steps from z*.
+
+    z_{i+1} = (1 - damping) f(z_i) + damping z_i, z_0 = z*; ``steps=1, damping=0`` is
+    Jacobian-free backprop. As ``steps`` grows the gradient tends to the implicit one.
+    """
+
+    steps: int = 1
+    damping: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"Phantom.steps must be a positive int, got {self.steps!r}")
+        if not 0 <= self.damping < 1:
+            raise ValueError(f"Phantom.damping must be in [0, 1), got {self.damping!r}")
+
+
+class BackwardStats(NamedTuple):
+    """Per-example statistics of the backward pass, each ``[B]`` float32.
+
+    ``n_steps``: adjoint solver updates (for :class:`Phantom`, its ``steps``);
+    ``abs_residual``/``rel_residual``: of the adjoint equation at the returned u
+    (NaN for :class:`Phantom`, which solves no equation); ``converged``: 1.0 or 0.0.
+    """
+
+    n_steps: Array
+    abs_residual: Array
+    rel_residual: Array
+    converged: Array
+
+    @classmethod
+    def zeros(cls, batch_size: int, dtype=jnp.float32) -> "BackwardStats":
+        """A probe to pass as ``fixed_point(..., probe=...)``; its gradient is the stats."""
+        zero = jnp.zeros((batch_size,), dtype)
+        return cls(zero, zero, zero, zero)
+
+
+DEFAULT_FORWARD = SolverConfig("broyden", max_steps=30, tol=1e-3)
+DEFAULT_BACKWARD = SolverConfig("broyden", max_steps=30, tol=1e-4)
+
+
+def _check_backward(backward):
+    if not isinstance(backward, (SolverConfig, Phantom)):
+        raise ValueError(f"backward must be a SolverConfig (implicit) or a Phantom, got {backward!r}")
+
+
+def fixed_point(
+    f: Callable,
+    params: PyTree,
+    x: PyTree,
+    z0: PyTree,
+    *,
+    forward: SolverConfig = DEFAULT_FORWARD,
+    backward: SolverConfig | Phantom = DEFAULT_BACKWARD,
+    probe: BackwardStats | None = None,
+) -> tuple[PyTree, base.SolverResult]:
+    """Solves ``z* = f(params, x, z*)`` from ``z0``; differentiable in params and x.
+
+    Args:
+      f: ``f(params, x, z) -> z``; pass everything differentiable through ``params``
+        or ``x``, never by closure.
+      params, x: pytrees (``x`` may be None).
+      z0: initial batch; the gradient with respect to it is zero.
+      forward: the forward solver.
+      backward: a :class:`SolverConfig` for the implicit backward solve, or a
+        :class:`Phantom`.
+      probe: optional :class:`BackwardStats` of zeros; its cotangent is the
+        backward-pass statistics (see module doc).
+
+    Returns:
+      ``(z_star, result)``: z* with z0's structure and the forward
+      :class:`~deq_jax.solvers.SolverResult` (``result.z`` is z* and differentiable
+      like it; the statistics are not).
+    """
+    if not isinstance(forward, SolverConfig):
+        raise ValueError(f"forward must be a SolverConfig, got {forward!r}")
+    _check_backward(backward)
+    return _fixed_point(f, forward, backward, params, x, z0, probe)
+
+
+def _solve_forward(f, forward, params, x, z0):
+    result = forward.solve(lambda z: f(params, x, z), z0)
+    return result.z, result
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fixed_point(f, forward, backward, params, x, z0, probe):
+    return _solve_forward(f, forward, params, x, jax.lax.stop_gradient(z0))
+
+
+def _fixed_point_fwd(f, forward, backward, params, x, z0, probe):
+    z_star, result = _solve_forward(f, forward, params, x, jax.lax.stop_gradient(z0))
+    return (z_star, result), (params, x, z_star, z0, probe)
+
+
+def _fixed_point_bwd(f, forward, backward, residuals, cotangent):
+    params, x, z_star, z0, probe = residuals
+    # result.z is z* too: its cotangent joins g, so neither output loses gradient.
+    g = jax.tree.map(jnp.add, cotangent[0], cotangent[1].z)
+    if isinstance(backward, Phantom):
+        (d_params, d_x), stats = _phantom_vjp(f, backward, params, x, z_star, g)
+    else:
+        (d_params, d_x), adjoint = _implicit_vjp(f, backward, params, x, z_star, g)
+        stats = _stats_of(adjoint)
+    d_z0 = jax.tree.map(jnp.zeros_like, z0)
+    d_probe = None if probe is None else jax.tree.map(lambda p, s: s.astype(p.dtype), probe, stats)
+    return d_params, d_x, d_z0, d_probe
+
+
+_fixed_point.defvjp(_fixed_point_fwd, _fixed_point_bwd)
+
+
+def _stats_of(result: base.SolverResult) -> BackwardStats:
+    return BackwardStats(
+        n_steps=result.n_steps.astype(jnp.float32),
+        abs_residual=result.abs_residual.astype(jnp.float32),
+        rel_residual=result.rel_residual.astype(jnp.float32),
+        converged=result.converged.astype(jnp.float32),
+    )
+
+
+def _implicit_vjp(f, backward, params, x, z_star, g):
+    """Solves u = u J + g at z* and returns (u df/d(params, x), adjoint SolverResult)."""
+    f_star, vjp_all = jax.vjp(f, params, x, z_star)
+    del f_star
+    # Only the z-part of the VJP is needed inside the loop; XLA drops the rest there.
+    result = backward.solve(lambda u: jax.tree.map(jnp.add, vjp_all(u)[2], g), g)
+    d_params, d_x, _ = vjp_all(result.z)
+    return (d_params, d_x), result
+
+
+def _phantom_vjp(f, phantom, params, x, z_star, g):
+    def unrolled_from_star(p, xx):
+        return _damped_unroll(f, p, xx, z_star, phantom.steps, phantom.damping)
+
+    _, vjp_px = jax.vjp(unrolled_from_star, params, x)
+    batch = jax.tree.leaves(z_star)[0].shape[0]
+    stats = BackwardStats(
+        n_steps=jnp.full((batch,), phantom.steps, jnp.float32),
+        abs_residual=jnp.full((batch,), jnp.nan, jnp.float32),
+        rel_residual=jnp.full((batch,), jnp.nan, jnp.float32),
+        converged=jnp.zeros((batch,), jnp.float32),
+    )
+    return vjp_px(g), stats
+
+
+def _damped_unroll(f, params, x, z, steps, damping):
+    def body(z, _):
+        fz = f(params, x, z)
+        return jax.tree.map(lambda a, b: (1.0 - damping) * a + damping * b, fz, z), None
+
+    z, _ = jax.lax.scan(body, z, None, length=steps)
+    return z
+
+
+def adjoint_solve(
+    f: Callable,
+    params: PyTree,
+    x: PyTree,
+    z_star: PyTree,
+    g: PyTree,
+    backward: SolverConfig = DEFAULT_BACKWARD,
+) -> tuple[tuple[PyTree, PyTree], base.SolverResult]:
+    """The implicit backward pass on its own: solve ``u = u J_f(z*) + g``.
+
+    Returns ``((d_params, d_x), result)`` with ``result.z = u``: the same numbers
+    ``jax.grad`` through :func:`fixed_point` uses, plus the full adjoint
+    :class:`~deq_jax.solvers.SolverResult` (traces included) for inspection.
+    """
+    if not isinstance(backward, SolverConfig):
+        raise ValueError(f"adjoint_solve needs a SolverConfig, got {backward!r}")
+    return _implicit_vjp(f, backward, params, x, z_star, g)
+
+
+def unrolled(f: Callable, params: PyTree, x: PyTree, z0: PyTree, num_layers: int) -> PyTree:
+    """``num_layers`` weight-tied applications of f from z0, differentiated normally.
+
+    The pretraining mode of DEQs: z_{i+1} = f(params, x, z_i); returns z_{num_layers}.
+    """
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    return _damped_unroll(f, params, x, z0, num_layers, 0.0)

@@ -1,0 +1,130 @@
+"""Jacobian norms of a batch map z -> f(z), one value per example.
+
+``fz`` maps a batch ``z`` (pytree of ``[B, ...]`` arrays) to a batch of the same
+shapes, examples independent, so J_f is block diagonal and each example b has its own
+``d x d`` block J_b (d = size of one example of z).
+
+* :func:`hutchinson_frobenius`: unbiased estimate of ||J_b||_F^2 / d,
+  E_eps ||eps^T J_b||^2 = ||J_b||_F^2 for E[eps eps^T] = I; differentiable, so it can
+  be a training loss (the paper's Jacobian regularization; its gradient is a second
+  order pass through ``jax.vjp``).
+* :func:`exact_frobenius`: the same quantity exactly, from d VJPs (small problems).
+* :func:`spectral_radius`: power-method estimate of max |eigenvalue(J_b)|.
+
+To regularize a DEQ as the paper does, treat z* as a constant:
+``hutchinson_frobenius(lambda z: f(params, x, z), jax.lax.stop_gradient(z_star), key)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from deq_jax.solvers import base
+
+Array = jax.Array
+PROBES = ("gaussian", "rademacher")
+MODES = ("vjp", "jvp")
+
+
+def _per_example_sq_norm(tree, batch_axes: int) -> Array:
+    """Sum of squares over all axes after the first ``batch_axes``, summed over leaves."""
+
+    def sq(leaf):
+        leaf = leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
+        return jnp.sum(jnp.square(leaf), axis=tuple(range(batch_axes, leaf.ndim)))
+
+    return sum(sq(leaf) for leaf in jax.tree.leaves(tree))
+
+
+def _dim(z) -> int:
+    return sum(leaf[0].size for leaf in jax.tree.leaves(z))
+
+
+def _draw(key, z, num_probes: int, probe: str):
+    """``num_probes`` random pytrees like z, stacked on a new leading axis."""
+    leaves, treedef = jax.tree.flatten(z)
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for k, leaf in zip(keys, leaves):
+        shape = (num_probes,) + leaf.shape
+        if probe == "gaussian":
+            out.append(jax.random.normal(k, shape, leaf.dtype))
+        else:
+            out.append(jax.random.rademacher(k, shape, leaf.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def hutchinson_frobenius(
+    fz: Callable,
+    z,
+    key: Array,
+    num_probes: int = 1,
+    probe: str = "gaussian",
+    mode: str = "vjp",
+) -> Array:
+    """Hutchinson estimate of ``||J_f(z)||_F^2 / d`` per example -> ``[B]``.
+
+    ``mean_m ||eps_m^T J_b||^2 / d`` (``mode="vjp"``, reverse mode) or
+    ``mean_m ||J_b eps_m||^2 / d`` (``mode="jvp"``, forward mode), with
+    ``num_probes`` Gaussian or Rademacher probes ``eps_m`` per example.
+    """
+    if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
+        raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
+    if probe not in PROBES:
+        raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    eps = _draw(key, z, num_probes, probe)
+    if mode == "vjp":
+        _, vjp_fn = jax.vjp(fz, z)
+        products = jax.vmap(lambda e: vjp_fn(e)[0])(eps)
+    else:
+        products = jax.vmap(lambda e: jax.jvp(fz, (z,), (e,))[1])(eps)
+    return jnp.mean(_per_example_sq_norm(products, batch_axes=2), axis=0) / _dim(z)
+
+
+def exact_frobenius(fz: Callable, z) -> Array:
+    """Exact ``||J_f(z)||_F^2 / d`` per example -> ``[B]``, from d VJPs (memory d^2 B)."""
+    dtype = base.working_dtype([leaf.dtype for leaf in jax.tree.leaves(z)])
+    z_mat, unravel = base.ravel_batch(z, dtype)
+    batch, d = z_mat.shape
+
+    def f_mat(m):
+        out, _ = base.ravel_batch(fz(unravel(m)), dtype)
+        return out
+
+    _, vjp_fn = jax.vjp(f_mat, z_mat)
+    basis = jnp.broadcast_to(jnp.eye(d, dtype=dtype)[:, None, :], (d, batch, d))
+    rows = jax.vmap(lambda e: vjp_fn(e)[0])(basis)  # [d, B, d]: row i of each J_b
+    return jnp.sum(jnp.square(rows), axis=(0, 2)) / d
+
+
+def spectral_radius(fz: Callable, z, key: Array, num_iters: int = 150) -> Array:
+    """Power-method estimate of the spectral radius of each J_b -> ``[B]``.
+
+    Iterates v <- v^T J_b / ||v^T J_b|| and returns the geometric mean of the growth
+    factors ||v^T J_b|| over the second half of the iterations. Unlike the Rayleigh
+    quotient, this also converges when the dominant eigenvalues are a complex pair.
+    """
+    if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 2:
+        raise ValueError(f"num_iters must be an int >= 2, got {num_iters!r}")
+    _, vjp_fn = jax.vjp(fz, z)
+    v0 = jax.tree.map(lambda e: e[0], _draw(key, z, 1, "gaussian"))
+
+    def normalize(v):
+        n = jnp.sqrt(_per_example_sq_norm(v, batch_axes=1))
+        scale = jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0), 0.0)
+        v = jax.tree.map(lambda leaf: leaf * scale.reshape((-1,) + (1,) * (leaf.ndim - 1)).astype(leaf.dtype), v)
+        return v, n
+
+    def body(v, _):
+        w = vjp_fn(v)[0]
+        w, growth = normalize(w)
+        return w, jnp.log(growth)
+
+    v, _ = normalize(v0)
+    _, log_growth = jax.lax.scan(body, v, None, length=num_iters)
+    return jnp.exp(jnp.mean(log_growth[num_iters // 2 :], axis=0))

@@ -1,0 +1,93 @@
+"""Anderson acceleration for z = f(z), per example.
+
+Keeps the last ``m`` iterates x_i and residuals g_i = f(x_i) - x_i and mixes them,
+
+    alpha = argmin ||sum_i alpha_i g_i||^2 + lam * s * ||alpha||^2  s.t.  sum_i alpha_i = 1,
+    x_next = sum_i alpha_i (x_i + beta * g_i),
+
+with s = mean_i ||g_i||^2, so the regularization is relative to the residuals' scale and
+the small m x m system (G G^T + lam s I) w = 1, alpha = w / sum(w) is never singular.
+The Gram matrix G G^T is kept between steps and gains one row per step. Should the
+solve still fail (non-finite alpha), that example takes a plain mixing step instead.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from deq_jax.solvers import base
+
+Array = jax.Array
+
+
+class AndersonState(NamedTuple):
+    xs: Array  # [m, B, D] iterates
+    gs: Array  # [m, B, D] residuals f(x) - x
+    gram: Array  # [B, m, m] g_i . g_j
+    count: Array  # [] entries written so far
+
+
+def _method(memory: int, regularization: float, mixing: float) -> base.Method:
+    eye = jnp.eye(memory)
+
+    def init(z, fz):
+        zeros = jnp.zeros((memory,) + z.shape, z.dtype)
+        gram = jnp.zeros((z.shape[0], memory, memory), z.dtype)
+        return AndersonState(xs=zeros, gs=zeros, gram=gram, count=jnp.int32(0))
+
+    def step(s: AndersonState, z, fz):
+        g = fz - z
+        slot = s.count % memory
+        xs = s.xs.at[slot].set(z)
+        gs = s.gs.at[slot].set(g)
+        row = jnp.einsum("mbd,bd->bm", gs, g, precision=base.PRECISION)  # [B, m]
+        gram = s.gram.at[:, slot, :].set(row).at[:, :, slot].set(row)
+        valid = jnp.arange(memory) < jnp.minimum(s.count + 1, memory)  # [m]
+        pair = valid[:, None] & valid[None, :]
+        scale = jnp.sum(jnp.where(valid, jnp.diagonal(gram, axis1=1, axis2=2), 0.0), axis=1)
+        scale = scale / jnp.sum(valid) + jnp.finfo(z.dtype).tiny
+        a = jnp.where(pair, gram, eye) + (regularization * scale)[:, None, None] * (eye * valid)
+        w = jnp.linalg.solve(a, jnp.broadcast_to(valid.astype(z.dtype), (z.shape[0], memory))[..., None])[..., 0]
+        alpha = w / jnp.sum(w, axis=1, keepdims=True)
+        ok = jnp.all(jnp.isfinite(alpha), axis=1, keepdims=True)
+        alpha = jnp.where(ok, alpha, jax.nn.one_hot(slot, memory, dtype=z.dtype))
+        x_mix = jnp.einsum("bm,mbd->bd", alpha, xs, precision=base.PRECISION)
+        g_mix = jnp.einsum("bm,mbd->bd", alpha, gs, precision=base.PRECISION)
+        new = AndersonState(xs=xs, gs=gs, gram=gram, count=s.count + 1)
+        return x_mix + mixing * g_mix, new
+
+    return base.Method(init, step)
+
+
+def anderson(
+    f: Callable,
+    z0,
+    *,
+    max_steps: int = 30,
+    tol: float = 1e-3,
+    stop_mode: str = "rel",
+    memory: int = 5,
+    regularization: float = 1e-4,
+    mixing: float = 1.0,
+) -> base.SolverResult:
+    """Solves ``z = f(z)`` per example with Anderson acceleration.
+
+    Args:
+      f, z0, max_steps, tol, stop_mode: as for :func:`deq_jax.solvers.broyden`.
+      memory: ``m``, the number of past iterates mixed.
+      regularization: ``lam``, Tikhonov weight relative to the mean squared residual.
+      mixing: ``beta`` in (0, 1]; 1 mixes the f values, smaller values damp.
+
+    Returns:
+      A :class:`SolverResult`.
+    """
+    if not isinstance(memory, int) or memory < 1:
+        raise ValueError(f"memory must be a positive int, got {memory!r}")
+    if not regularization >= 0:
+        raise ValueError(f"regularization must be >= 0, got {regularization!r}")
+    if not 0 < mixing <= 1:
+        raise ValueError(f"mixing must be in (0, 1], got {mixing!r}")
+    return base.solve(_method(memory, regularization, mixing), f, z0, max_steps, tol, stop_mode)

@@ -1,0 +1,43 @@
+"""Plain (optionally damped) fixed-point iteration: z <- (1 - damping) f(z) + damping z."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from deq_jax.solvers import base
+
+
+def _method(damping: float) -> base.Method:
+    def init(z, fz):
+        return ()
+
+    def step(state, z, fz):
+        return z + (1.0 - damping) * (fz - z), state
+
+    return base.Method(init, step)
+
+
+def fixed_point_iteration(
+    f: Callable,
+    z0,
+    *,
+    max_steps: int = 30,
+    tol: float = 1e-3,
+    stop_mode: str = "rel",
+    damping: float = 0.0,
+) -> base.SolverResult:
+    """Solves ``z = f(z)`` per example by iterating ``f``.
+
+    Converges when ``f`` is a contraction; ``damping`` in [0, 1) keeps that share of
+    the old iterate, which helps maps whose Jacobian has eigenvalues near -1.
+
+    Args:
+      f, z0, max_steps, tol, stop_mode: as for :func:`deq_jax.solvers.broyden`.
+      damping: weight of the old iterate; 0 is plain iteration.
+
+    Returns:
+      A :class:`SolverResult`.
+    """
+    if not 0 <= damping < 1:
+        raise ValueError(f"damping must be in [0, 1), got {damping!r}")
+    return base.solve(_method(damping), f, z0, max_steps, tol, stop_mode)

@@ -1,0 +1,238 @@
+"""Solvers against independent truths: linear fixed points solved by jnp.linalg.solve."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+from deq_jax import solvers
+
+SOLVER_NAMES = sorted(solvers.SOLVERS)
+
+
+def _affine_problem(key, batch, dim, radius):
+    """f(z) = z A + c with spectral norm(A) = radius; the fixed point solves z (I - A) = c."""
+    ka, kc = jax.random.split(key)
+    a = jax.random.normal(ka, (dim, dim))
+    a = radius * a / jnp.linalg.norm(a, 2)
+    c = jax.random.normal(kc, (batch, dim))
+    z_star = jnp.linalg.solve((jnp.eye(dim) - a).T, c.T).T
+    return a, c, z_star
+
+
+class ConvergenceTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.product(name=SOLVER_NAMES, shape=[(6, 16), (3, 4, 4, 2)])
+    def test_reaches_tol_on_contractive_affine_map(self, name, shape):
+        batch, dim = shape[0], int(np.prod(shape[1:]))
+        a, c, z_star = _affine_problem(jax.random.PRNGKey(0), batch, dim, 0.7)
+
+        def f(z):
+            return (z.reshape(batch, dim) @ a + c).reshape(shape)
+
+        solve = self.variant(lambda z0: solvers.get(name)(f, z0, max_steps=80, tol=1e-5))
+        result = solve(jnp.zeros(shape))
+        chex.assert_shape(result.z, shape)
+        chex.assert_shape([result.n_steps, result.abs_residual, result.rel_residual], (batch,))
+        chex.assert_shape([result.abs_trace, result.rel_trace], (81, batch))
+        assert bool(jnp.all(result.converged)), result.rel_residual
+        assert not bool(jnp.any(result.nonfinite))
+        assert float(jnp.max(result.rel_residual)) < 1e-5
+        np.testing.assert_allclose(result.z.reshape(batch, dim), z_star, atol=1e-4)
+        # The reported residuals are those of the returned iterate.
+        abs_res, rel_res = solvers.residual_norms(result.z.reshape(batch, -1), f(result.z).reshape(batch, -1))
+        np.testing.assert_allclose(result.abs_residual, abs_res, rtol=1e-3, atol=1e-7)
+        np.testing.assert_allclose(result.rel_residual, rel_res, rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_abs_stop_mode(name):
+    a, c, z_star = _affine_problem(jax.random.PRNGKey(1), 4, 8, 0.5)
+    result = solvers.get(name)(lambda z: z @ a + c, jnp.zeros((4, 8)), max_steps=60, tol=1e-5, stop_mode="abs")
+    assert bool(jnp.all(result.abs_residual < 1e-5))
+    np.testing.assert_allclose(result.z, z_star, atol=1e-4)
+
+
+def test_broyden_converges_where_iteration_diverges():
+    # A linear map with spectral radius 1.5: iteration blows up, the fixed point exists.
+    dim = 8
+    ka, kc = jax.random.split(jax.random.PRNGKey(2))
+    a = jax.random.normal(ka, (dim, dim))
+    a = 1.5 * a / jnp.max(jnp.abs(jnp.linalg.eigvals(a)))
+    c = jax.random.normal(kc, (4, dim))
+    z_star = jnp.linalg.solve((jnp.eye(dim) - a).T, c.T).T
+
+    def f(z):
+        return z @ a + c
+
+    plain = solvers.fixed_point_iteration(f, jnp.zeros((4, dim)), max_steps=50, tol=1e-6)
+    assert not bool(jnp.any(plain.converged))
+    assert bool(jnp.all(plain.abs_trace[-1] > 100 * plain.abs_trace[0]))  # diverging
+    result = solvers.broyden(f, jnp.zeros((4, dim)), max_steps=50, tol=1e-6, memory=2 * dim)
+    assert bool(jnp.all(result.converged)), result.rel_residual
+    np.testing.assert_allclose(result.z, z_star, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_per_example_stopping(name):
+    # Example 0 is easy (contraction 0.05), example 1 hard (0.95).
+    dim = 12
+    a, c, _ = _affine_problem(jax.random.PRNGKey(3), 2, dim, 1.0)
+    scale = jnp.array([0.05, 0.95])[:, None]
+
+    def f(z):
+        return scale * (z @ a) + c
+
+    result = solvers.get(name)(f, jnp.zeros((2, dim)), max_steps=200, tol=1e-6)
+    assert bool(jnp.all(result.converged))
+    easy, hard = int(result.n_steps[0]), int(result.n_steps[1])
+    assert easy < hard / 2, (easy, hard)
+    # After converging, the easy example's iterate no longer changes: same residual.
+    after = result.abs_trace[easy : int(result.f_evals), 0]
+    np.testing.assert_array_equal(after, jnp.full_like(after, after[0]))
+    # Examples are independent: the easy one alone gives the same answer.
+    alone = solvers.get(name)(lambda z: 0.05 * (z @ a) + c[:1], jnp.zeros((1, dim)), max_steps=200, tol=1e-6)
+    assert int(alone.n_steps[0]) == easy
+    np.testing.assert_allclose(alone.z[0], result.z[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,memory", [("broyden", 3), ("anderson", 2), ("anderson", 3)])
+def test_memory_smaller_than_max_steps(name, memory):
+    a, c, z_star = _affine_problem(jax.random.PRNGKey(4), 5, 24, 0.9)
+    result = solvers.get(name)(lambda z: z @ a + c, jnp.zeros((5, 24)), max_steps=150, tol=1e-6, memory=memory)
+    assert int(result.f_evals) > memory + 1  # the ring buffer wrapped around
+    assert bool(jnp.all(result.converged))
+    np.testing.assert_allclose(result.z, z_star, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_nonfinite_values_are_flagged_and_never_returned(name):
+    a, c, _ = _affine_problem(jax.random.PRNGKey(5), 3, 8, 0.5)
+    c = c.at[1].multiply(100.0)  # example 1 moves far from 0 ...
+    bad = jnp.array([False, True, False])
+
+    def f(z):
+        # ... and f is NaN there once ||z|| > 10.
+        poisoned = bad[:, None] & (jnp.linalg.norm(z, axis=1, keepdims=True) > 10.0)
+        return jnp.where(poisoned, jnp.nan, z @ a + c)
+
+    result = solvers.get(name)(f, jnp.zeros((3, 8)), max_steps=50, tol=1e-5)
+    assert bool(jnp.all(jnp.isfinite(result.z)))
+    np.testing.assert_array_equal(result.nonfinite, bad)
+    np.testing.assert_array_equal(result.converged, ~bad)
+    assert bool(jnp.all(jnp.isfinite(result.abs_residual)))
+
+
+def test_nonfinite_at_start():
+    def f(z):
+        return jnp.where(jnp.arange(2)[:, None] == 0, jnp.inf, 0.5 * z + 1.0)
+
+    result = solvers.broyden(f, jnp.zeros((2, 3)), max_steps=20, tol=1e-5)
+    np.testing.assert_array_equal(result.nonfinite, [True, False])
+    np.testing.assert_array_equal(result.converged, [False, True])
+    np.testing.assert_array_equal(result.z[0], jnp.zeros(3))  # z0, finite
+    np.testing.assert_allclose(result.z[1], 2.0 * jnp.ones(3), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_pytree_state(name):
+    a, c, z_star = _affine_problem(jax.random.PRNGKey(6), 3, 10, 0.6)
+
+    def f(z):
+        flat = jnp.concatenate([z["u"], z["v"].reshape(3, -1)], axis=1) @ a + c
+        return {"u": flat[:, :4], "v": flat[:, 4:].reshape(3, 3, 2)}
+
+    z0 = {"u": jnp.zeros((3, 4)), "v": jnp.zeros((3, 3, 2))}
+    result = solvers.get(name)(f, z0, max_steps=60, tol=1e-6)
+    chex.assert_trees_all_equal_shapes(result.z, z0)
+    np.testing.assert_allclose(result.z["u"], z_star[:, :4], atol=1e-4)
+    np.testing.assert_allclose(result.z["v"].reshape(3, -1), z_star[:, 4:], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_bfloat16_f_keeps_float32_bookkeeping(name):
+    a, c, z_star = _affine_problem(jax.random.PRNGKey(7), 4, 16, 0.5)
+
+    def f(z):
+        assert z.dtype == jnp.bfloat16  # f always sees its own dtype
+        return z @ a.astype(jnp.bfloat16) + c.astype(jnp.bfloat16)
+
+    result = solvers.get(name)(f, jnp.zeros((4, 16), jnp.bfloat16), max_steps=40, tol=2e-2)
+    assert result.z.dtype == jnp.bfloat16
+    assert result.rel_residual.dtype == jnp.float32
+    assert bool(jnp.all(result.converged))
+    np.testing.assert_allclose(result.z.astype(jnp.float32), z_star, atol=0.1)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_vmap_matches_separate_solves(name):
+    keys = jax.random.split(jax.random.PRNGKey(8), 3)
+    problems = [_affine_problem(k, 2, 6, 0.6) for k in keys]
+    a = jnp.stack([p[0] for p in problems])
+    c = jnp.stack([p[1] for p in problems])
+
+    def solve(a, c):
+        return solvers.get(name)(lambda z: z @ a + c, jnp.zeros((2, 6)), max_steps=40, tol=1e-6)
+
+    batched = jax.jit(jax.vmap(solve))(a, c)
+    for i, (_, _, z_star) in enumerate(problems):
+        np.testing.assert_allclose(batched.z[i], z_star, atol=1e-4)
+        single = solve(a[i], c[i])
+        np.testing.assert_array_equal(batched.n_steps[i], single.n_steps)
+
+
+def test_traces_hold_nan_after_the_loop_ends():
+    result = solvers.fixed_point_iteration(lambda z: 0.1 * z + 1.0, jnp.zeros((2, 3)), max_steps=30, tol=1e-4)
+    n = int(result.f_evals)
+    assert n < 31
+    assert bool(jnp.all(jnp.isfinite(result.rel_trace[:n])))
+    assert bool(jnp.all(jnp.isnan(result.rel_trace[n:])))
+    # Plain iteration on a 0.1-contraction: each step shrinks the residual tenfold.
+    np.testing.assert_allclose(result.abs_trace[1:n, 0] / result.abs_trace[: n - 1, 0], 0.1, rtol=1e-2)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_bad_input_gives_clear_errors(name):
+    solve = solvers.get(name)
+    f = lambda z: 0.5 * z  # noqa: E731
+    z0 = jnp.zeros((2, 3))
+    with pytest.raises(ValueError, match="same structure and shapes"):
+        solve(lambda z: z[:, :2], z0)
+    with pytest.raises(ValueError, match="max_steps"):
+        solve(f, z0, max_steps=0)
+    with pytest.raises(ValueError, match="tol"):
+        solve(f, z0, tol=0.0)
+    with pytest.raises(ValueError, match="stop_mode"):
+        solve(f, z0, stop_mode="max")
+    with pytest.raises(ValueError, match="leading batch axis"):
+        solve(f, jnp.zeros(()))
+    with pytest.raises(TypeError, match="floating-point"):
+        solve(f, jnp.zeros((2, 3), jnp.int32))
+
+
+def test_unknown_solver_name():
+    with pytest.raises(ValueError, match="unknown solver 'newton'.*broyden"):
+        solvers.get("newton")
+
+
+def test_solver_specific_arguments_are_checked():
+    f, z0 = (lambda z: 0.5 * z), jnp.zeros((2, 3))
+    with pytest.raises(ValueError, match="memory"):
+        solvers.broyden(f, z0, memory=0)
+    with pytest.raises(ValueError, match="mixing"):
+        solvers.anderson(f, z0, mixing=0.0)
+    with pytest.raises(ValueError, match="damping"):
+        solvers.fixed_point_iteration(f, z0, damping=1.0)
+
+
+def test_anderson_survives_a_singular_system():
+    # f constant: all residuals after the first step are zero, G G^T is all zeros.
+    result = solvers.anderson(lambda z: jnp.ones_like(z), jnp.zeros((2, 4)), max_steps=10, tol=1e-6, regularization=0.0)
+    assert bool(jnp.all(result.converged))
+    np.testing.assert_allclose(result.z, 1.0)
+    # A rank-deficient history: an exactly linear 1-D problem embedded in 4-D.
+    result = solvers.anderson(lambda z: 0.5 * z + 1.0, jnp.zeros((2, 4)), max_steps=30, tol=1e-6, regularization=0.0)
+    assert bool(jnp.all(result.converged)) and not bool(jnp.any(result.nonfinite))
+    np.testing.assert_allclose(result.z, 2.0, atol=1e-5)
