@@ -25,8 +25,8 @@ DEFAULT_MEMORY = 20
 
 
 class BroydenState(NamedTuple):
-    us: Array  # [memory, B, D]
-    vs: Array  # [memory, B, D]
+    us: Array  # [B, memory, D]: batch first, so the products are plain batched matvecs
+    vs: Array  # [B, memory, D]
     z_prev: Array  # [B, D]
     g_prev: Array  # [B, D] g(z_prev) = f(z_prev) - z_prev
     update: Array  # [B, D] -H g_prev, the step taken from z_prev
@@ -35,32 +35,37 @@ class BroydenState(NamedTuple):
 
 def _method(memory: int) -> base.Method:
     def init(z, fz):
-        zeros = jnp.zeros((memory,) + z.shape, z.dtype)
+        zeros = jnp.zeros((z.shape[0], memory, z.shape[1]), z.dtype)
         g = fz - z
         return BroydenState(us=zeros, vs=zeros, z_prev=z, g_prev=g, update=g, count=jnp.int32(0))
 
     def step(s: BroydenState, z, fz):
         g = fz - z
         dz = z - s.z_prev
-        # Two passes over each buffer: coefficients, then combinations.
-        cv = jnp.einsum("mbd,bd->mb", s.vs, g, precision=base.PRECISION)  # v_i . g
-        cu = jnp.einsum("mbd,bd->mb", s.us, dz, precision=base.PRECISION)  # dz . u_i
-        hg = -g + jnp.einsum("mb,mbd->bd", cv, s.us, precision=base.PRECISION)  # H g
-        vt = -dz + jnp.einsum("mb,mbd->bd", cu, s.vs, precision=base.PRECISION)  # dz^T H
+        slot = s.count % memory
+        # Two passes over each buffer: coefficients, then combinations. The slot about
+        # to be overwritten is read only through these products (no slice of it), which
+        # lets XLA update the buffers in place.
+        cv = jnp.einsum("bmd,bd->bm", s.vs, g, precision=base.PRECISION)  # v_i . g
+        cu = jnp.einsum("bmd,bd->bm", s.us, dz, precision=base.PRECISION)  # dz . u_i
+        keep = (jnp.arange(memory) != slot).astype(cv.dtype)
+        both = jnp.einsum("bkm,bmd->bkd", jnp.stack([cv, cv * keep], axis=1), s.us, precision=base.PRECISION)
+        hg = both[:, 0] - g  # H g with the current H
+        hg_kept = both[:, 1] - g  # ... without the pair in the slot being replaced
+        vt = -dz + jnp.einsum("bm,bmd->bd", cu, s.vs, precision=base.PRECISION)  # dz^T H
         # H g_prev = -update exactly (same H), so H dg costs no extra pass.
         hdg = hg + s.update
         denom = base.bdot(vt, g - s.g_prev)
         ok = jnp.isfinite(denom) & (jnp.abs(denom) > jnp.finfo(z.dtype).tiny ** 0.5)
         u = jnp.where(ok[:, None], (dz - hdg) / jnp.where(ok, denom, 1.0)[:, None], 0.0)
         vt = jnp.where(ok[:, None], vt, 0.0)
-        slot = s.count % memory
         # New H = H - u_slot v_slot^T + u vt^T; the next step is -H g.
-        update = -(hg - s.us[slot] * cv[slot][:, None] + u * base.bdot(vt, g)[:, None])
+        update = -(hg_kept + u * base.bdot(vt, g)[:, None])
         # Overflow in H: restart from a plain f step rather than propose NaN.
         update = jnp.where(jnp.isfinite(update), update, g)
         new = BroydenState(
-            us=s.us.at[slot].set(u),
-            vs=s.vs.at[slot].set(vt),
+            us=s.us.at[:, slot].set(u),
+            vs=s.vs.at[:, slot].set(vt),
             z_prev=z,
             g_prev=g,
             update=update,
