@@ -24,8 +24,8 @@ Array = jax.Array
 
 
 class AndersonState(NamedTuple):
-    xs: Array  # [m, B, D] iterates
-    gs: Array  # [m, B, D] residuals f(x) - x
+    xs: Array  # [B, m, D] iterates (batch first: the products are batched matvecs)
+    gs: Array  # [B, m, D] residuals f(x) - x
     gram: Array  # [B, m, m] g_i . g_j
     count: Array  # [] entries written so far
 
@@ -34,16 +34,16 @@ def _method(memory: int, regularization: float, mixing: float) -> base.Method:
     eye = jnp.eye(memory)
 
     def init(z, fz):
-        zeros = jnp.zeros((memory,) + z.shape, z.dtype)
+        zeros = jnp.zeros((z.shape[0], memory, z.shape[1]), z.dtype)
         gram = jnp.zeros((z.shape[0], memory, memory), z.dtype)
         return AndersonState(xs=zeros, gs=zeros, gram=gram, count=jnp.int32(0))
 
     def step(s: AndersonState, z, fz):
         g = fz - z
         slot = s.count % memory
-        xs = s.xs.at[slot].set(z)
-        gs = s.gs.at[slot].set(g)
-        row = jnp.einsum("mbd,bd->bm", gs, g, precision=base.PRECISION)  # [B, m]
+        xs = s.xs.at[:, slot].set(z)
+        gs = s.gs.at[:, slot].set(g)
+        row = jnp.einsum("bmd,bd->bm", gs, g, precision=base.PRECISION)  # [B, m]
         gram = s.gram.at[:, slot, :].set(row).at[:, :, slot].set(row)
         valid = jnp.arange(memory) < jnp.minimum(s.count + 1, memory)  # [m]
         pair = valid[:, None] & valid[None, :]
@@ -54,8 +54,8 @@ def _method(memory: int, regularization: float, mixing: float) -> base.Method:
         alpha = w / jnp.sum(w, axis=1, keepdims=True)
         ok = jnp.all(jnp.isfinite(alpha), axis=1, keepdims=True)
         alpha = jnp.where(ok, alpha, jax.nn.one_hot(slot, memory, dtype=z.dtype))
-        x_mix = jnp.einsum("bm,mbd->bd", alpha, xs, precision=base.PRECISION)
-        g_mix = jnp.einsum("bm,mbd->bd", alpha, gs, precision=base.PRECISION)
+        x_mix = jnp.einsum("bm,bmd->bd", alpha, xs, precision=base.PRECISION)
+        g_mix = jnp.einsum("bm,bmd->bd", alpha, gs, precision=base.PRECISION)
         new = AndersonState(xs=xs, gs=gs, gram=gram, count=s.count + 1)
         return x_mix + mixing * g_mix, new
 
