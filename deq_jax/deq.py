@@ -188,8 +188,7 @@ def _stats_of(result: base.SolverResult) -> BackwardStats:
 
 def _implicit_vjp(f, backward, params, x, z_star, g):
     """Solves u = u J + g at z* and returns (u df/d(params, x), adjoint SolverResult)."""
-    f_star, vjp_all = jax.vjp(f, params, x, z_star)
-    del f_star
+    _, vjp_all = jax.vjp(f, params, x, z_star)
     # Only the z-part of the VJP is needed inside the loop; XLA drops the rest there.
     result = backward.solve(lambda u: jax.tree.map(jnp.add, vjp_all(u)[2], g), g)
     d_params, d_x, _ = vjp_all(result.z)

@@ -89,14 +89,9 @@ def hutchinson_frobenius(
 def exact_frobenius(fz: Callable, z) -> Array:
     """Exact ``||J_f(z)||_F^2 / d`` per example -> ``[B]``, from d VJPs (memory d^2 B)."""
     dtype = base.working_dtype([leaf.dtype for leaf in jax.tree.leaves(z)])
-    z_mat, unravel = base.ravel_batch(z, dtype)
+    z_mat, ravel, unravel = base.ravel_batch(z, dtype)
     batch, d = z_mat.shape
-
-    def f_mat(m):
-        out, _ = base.ravel_batch(fz(unravel(m)), dtype)
-        return out
-
-    _, vjp_fn = jax.vjp(f_mat, z_mat)
+    _, vjp_fn = jax.vjp(lambda m: ravel(fz(unravel(m))), z_mat)
     basis = jnp.broadcast_to(jnp.eye(d, dtype=dtype)[:, None, :], (d, batch, d))
     rows = jax.vmap(lambda e: vjp_fn(e)[0])(basis)  # [d, B, d]: row i of each J_b
     return jnp.sum(jnp.square(rows), axis=(0, 2)) / d

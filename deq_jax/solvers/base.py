@@ -99,11 +99,12 @@ def working_dtype(dtypes) -> np.dtype:
     return jnp.result_type(jnp.float32, *dtypes)
 
 
-def ravel_batch(tree: PyTree, dtype) -> tuple[Array, Callable[[Array], PyTree]]:
+def ravel_batch(tree: PyTree, dtype) -> tuple[Array, Callable[[PyTree], Array], Callable[[Array], PyTree]]:
     """Flattens a pytree of ``[B, ...]`` arrays to one ``[B, D]`` array of ``dtype``.
 
-    Returns the matrix and the inverse map (matrix -> pytree with the original
-    structure, shapes and dtypes). One leaf is a reshape, with no copy.
+    Returns the matrix, the map (pytree like ``tree`` -> matrix) and its inverse
+    (matrix -> pytree with the original structure, shapes and dtypes). One leaf is a
+    reshape, with no copy.
     """
     leaves, treedef = jax.tree.flatten(tree)
     if not leaves:
@@ -133,7 +134,7 @@ def ravel_batch(tree: PyTree, dtype) -> tuple[Array, Callable[[Array], PyTree]]:
         leaves_out = [p.reshape(s).astype(d) for p, s, d in zip(parts, shapes, dtypes)]
         return jax.tree.unflatten(treedef, leaves_out)
 
-    return ravel(tree), unravel
+    return ravel(tree), ravel, unravel
 
 
 def residual_norms(z: Array, fz: Array) -> tuple[Array, Array]:
@@ -148,7 +149,7 @@ def bdot(a: Array, b: Array) -> Array:
     return jnp.einsum("bd,bd->b", a, b, precision=PRECISION)
 
 
-def _checked_f(f, z0, unravel, dtype):
+def _checked_f(f, z0, ravel, unravel):
     """``f`` on ``[B, D]`` matrices, checking at trace time that it keeps z's structure."""
     in_struct = jax.tree.structure(z0)
     in_shapes = [jnp.shape(leaf) for leaf in jax.tree.leaves(z0)]
@@ -162,10 +163,7 @@ def _checked_f(f, z0, unravel, dtype):
                 f"z0 has {in_struct} with shapes {in_shapes}, f(z0) has "
                 f"{jax.tree.structure(out)} with shapes {out_shapes}"
             )
-        leaves = jax.tree.leaves(out)
-        batch = in_shapes[0][0]
-        flat = [jnp.reshape(leaf, (batch, -1)).astype(dtype) for leaf in leaves]
-        return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=1)
+        return ravel(out)
 
     return f_flat
 
@@ -191,8 +189,8 @@ def solve(method: Method, f: Callable, z0: PyTree, max_steps: int, tol: float, s
     """Runs ``method`` on ``z = f(z)`` from ``z0`` with the shared bookkeeping (see module doc)."""
     validate(max_steps, tol, stop_mode)
     dtype = working_dtype([leaf.dtype for leaf in jax.tree.leaves(z0)])
-    z0_mat, unravel = ravel_batch(z0, dtype)
-    f_mat = _checked_f(f, z0, unravel, dtype)
+    z0_mat, ravel, unravel = ravel_batch(z0, dtype)
+    f_mat = _checked_f(f, z0, ravel, unravel)
     batch = z0_mat.shape[0]
     use_rel = stop_mode == "rel"
 
