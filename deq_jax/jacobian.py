@@ -48,7 +48,7 @@ def _draw(key, z, num_probes: int, probe: str):
     leaves, treedef = jax.tree.flatten(z)
     keys = jax.random.split(key, len(leaves))
     out = []
-    for k, leaf in zip(keys, leaves):
+    for k, leaf in zip(keys, leaves, strict=True):
         shape = (num_probes,) + leaf.shape
         if probe == "gaussian":
             out.append(jax.random.normal(k, shape, leaf.dtype))

@@ -73,7 +73,7 @@ def test_hutchinson_gradient_is_unbiased_for_exact_gradient(mode):
     keys = jax.random.split(jax.random.PRNGKey(4), n)
     grads = jax.jit(jax.vmap(jax.grad(estimate), in_axes=(None, 0)))(params, keys)
     g_exact = jax.grad(exact)(params)
-    for leaf, leaf_exact in zip(jax.tree.leaves(grads), jax.tree.leaves(g_exact)):
+    for leaf, leaf_exact in zip(jax.tree.leaves(grads), jax.tree.leaves(g_exact), strict=True):
         mean, stderr = leaf.mean(0), leaf.std(0) / np.sqrt(n)
         assert bool(jnp.all(jnp.abs(mean - leaf_exact) < 4.5 * stderr + 1e-6)), (mean, leaf_exact)
         assert float(jnp.max(jnp.abs(leaf_exact))) > 0.01  # a real, non-zero gradient

@@ -131,7 +131,7 @@ def ravel_batch(tree: PyTree, dtype) -> tuple[Array, Callable[[PyTree], Array], 
 
     def unravel(mat):
         parts = [mat] if len(sizes) == 1 else jnp.split(mat, np.cumsum(sizes)[:-1], axis=1)
-        leaves_out = [p.reshape(s).astype(d) for p, s, d in zip(parts, shapes, dtypes)]
+        leaves_out = [p.reshape(s).astype(d) for p, s, d in zip(parts, shapes, dtypes, strict=True)]
         return jax.tree.unflatten(treedef, leaves_out)
 
     return ravel(tree), ravel, unravel
