@@ -58,10 +58,18 @@ class SolverConfig:
         options = dict(self.options)
         object.__setattr__(self, "options", tuple(sorted(options.items())))
 
-    def solve(self, f: Callable, z0: PyTree) -> base.SolverResult:
-        """Runs this solver on ``z = f(z)`` from ``z0``."""
+    def solve(self, f: Callable, z0: PyTree, step_limit=None) -> base.SolverResult:
+        """Runs this solver on ``z = f(z)`` from ``z0`` (``step_limit``: see ``solvers.base.solve``)."""
         solve = solvers.get(self.name)
-        return solve(f, z0, max_steps=self.max_steps, tol=self.tol, stop_mode=self.stop_mode, **dict(self.options))
+        return solve(
+            f,
+            z0,
+            max_steps=self.max_steps,
+            tol=self.tol,
+            stop_mode=self.stop_mode,
+            step_limit=step_limit,
+            **dict(self.options),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +128,7 @@ def fixed_point(
     forward: SolverConfig = DEFAULT_FORWARD,
     backward: SolverConfig | Phantom = DEFAULT_BACKWARD,
     probe: BackwardStats | None = None,
+    step_limit: Array | int | None = None,
 ) -> tuple[PyTree, base.SolverResult]:
     """Solves ``z* = f(params, x, z*)`` from ``z0``; differentiable in params and x.
 
@@ -133,6 +142,9 @@ def fixed_point(
         :class:`Phantom`.
       probe: optional :class:`BackwardStats` of zeros; its cotangent is the
         backward-pass statistics (see module doc).
+      step_limit: optional int scalar, may be traced: the forward solve stops after
+        ``min(step_limit, forward.max_steps)`` updates. Lets a jitted training step
+        vary the forward budget (the paper's random lowering) without recompiling.
 
     Returns:
       ``(z_star, result)``: z* with z0's structure and the forward
@@ -142,21 +154,25 @@ def fixed_point(
     if not isinstance(forward, SolverConfig):
         raise ValueError(f"forward must be a SolverConfig, got {forward!r}")
     _check_backward(backward)
-    return _fixed_point(f, forward, backward, params, x, z0, probe)
+    if step_limit is not None:
+        step_limit = jnp.asarray(step_limit, jnp.int32)
+        if step_limit.shape != ():
+            raise ValueError(f"step_limit must be a scalar, got shape {step_limit.shape}")
+    return _fixed_point(f, forward, backward, params, x, z0, probe, step_limit)
 
 
-def _solve_forward(f, forward, params, x, z0):
-    result = forward.solve(lambda z: f(params, x, z), z0)
+def _solve_forward(f, forward, params, x, z0, step_limit):
+    result = forward.solve(lambda z: f(params, x, z), z0, step_limit)
     return result.z, result
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fixed_point(f, forward, backward, params, x, z0, probe):
-    return _solve_forward(f, forward, params, x, jax.lax.stop_gradient(z0))
+def _fixed_point(f, forward, backward, params, x, z0, probe, step_limit):
+    return _solve_forward(f, forward, params, x, jax.lax.stop_gradient(z0), step_limit)
 
 
-def _fixed_point_fwd(f, forward, backward, params, x, z0, probe):
-    z_star, result = _solve_forward(f, forward, params, x, jax.lax.stop_gradient(z0))
+def _fixed_point_fwd(f, forward, backward, params, x, z0, probe, step_limit):
+    z_star, result = _solve_forward(f, forward, params, x, jax.lax.stop_gradient(z0), step_limit)
     return (z_star, result), (params, x, z_star, z0, probe)
 
 
@@ -171,7 +187,7 @@ def _fixed_point_bwd(f, forward, backward, residuals, cotangent):
         stats = _stats_of(adjoint)
     d_z0 = jax.tree.map(jnp.zeros_like, z0)
     d_probe = None if probe is None else jax.tree.map(lambda p, s: s.astype(p.dtype), probe, stats)
-    return d_params, d_x, d_z0, d_probe
+    return d_params, d_x, d_z0, d_probe, None
 
 
 _fixed_point.defvjp(_fixed_point_fwd, _fixed_point_bwd)

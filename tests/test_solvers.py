@@ -236,3 +236,18 @@ def test_anderson_survives_a_singular_system():
     result = solvers.anderson(lambda z: 0.5 * z + 1.0, jnp.zeros((2, 4)), max_steps=30, tol=1e-6, regularization=0.0)
     assert bool(jnp.all(result.converged)) and not bool(jnp.any(result.nonfinite))
     np.testing.assert_allclose(result.z, 2.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_traced_step_limit_equals_static_max_steps(name):
+    a, c, _ = _affine_problem(jax.random.PRNGKey(4), 3, 8, 0.9)
+    solve = solvers.get(name)
+    limited = jax.jit(lambda lim: solve(lambda z: z @ a + c, jnp.zeros((3, 8)), max_steps=20, tol=1e-9, step_limit=lim))
+    for lim in (1, 4, 7):
+        static = solve(lambda z: z @ a + c, jnp.zeros((3, 8)), max_steps=lim, tol=1e-9)
+        traced = limited(lim)
+        np.testing.assert_array_equal(traced.n_steps, static.n_steps)
+        np.testing.assert_allclose(traced.z, static.z, rtol=1e-5, atol=1e-6)
+        assert int(traced.f_evals) == lim + 1
+    # Limits above max_steps are clipped to it.
+    assert int(limited(50).f_evals) == 21

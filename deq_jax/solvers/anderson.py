@@ -69,6 +69,7 @@ def anderson(
     max_steps: int = 30,
     tol: float = 1e-3,
     stop_mode: str = "rel",
+    step_limit=None,
     memory: int = 5,
     regularization: float = 1e-4,
     mixing: float = 1.0,
@@ -77,6 +78,8 @@ def anderson(
 
     Args:
       f, z0, max_steps, tol, stop_mode: as for :func:`deq_jax.solvers.broyden`.
+      step_limit: optional int (may be traced, e.g. under ``jit``) that lowers the
+        step limit to ``min(step_limit, max_steps)`` without recompiling.
       memory: ``m``, the number of past iterates mixed.
       regularization: ``lam``, Tikhonov weight relative to the mean squared residual.
       mixing: ``beta`` in (0, 1]; 1 mixes the f values, smaller values damp.
@@ -90,4 +93,4 @@ def anderson(
         raise ValueError(f"regularization must be >= 0, got {regularization!r}")
     if not 0 < mixing <= 1:
         raise ValueError(f"mixing must be in (0, 1], got {mixing!r}")
-    return base.solve(_method(memory, regularization, mixing), f, z0, max_steps, tol, stop_mode)
+    return base.solve(_method(memory, regularization, mixing), f, z0, max_steps, tol, stop_mode, step_limit)

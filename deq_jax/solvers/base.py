@@ -185,9 +185,22 @@ class _Loop(NamedTuple):
     rel_trace: Array
 
 
-def solve(method: Method, f: Callable, z0: PyTree, max_steps: int, tol: float, stop_mode: str) -> SolverResult:
-    """Runs ``method`` on ``z = f(z)`` from ``z0`` with the shared bookkeeping (see module doc)."""
+def solve(
+    method: Method,
+    f: Callable,
+    z0: PyTree,
+    max_steps: int,
+    tol: float,
+    stop_mode: str,
+    step_limit: Array | int | None = None,
+) -> SolverResult:
+    """Runs ``method`` on ``z = f(z)`` from ``z0`` with the shared bookkeeping (see module doc).
+
+    ``step_limit`` (optional, may be a traced int scalar) lowers the step limit below the
+    static ``max_steps`` without recompiling; traces keep ``max_steps + 1`` rows.
+    """
     validate(max_steps, tol, stop_mode)
+    limit = max_steps if step_limit is None else jnp.clip(jnp.asarray(step_limit, jnp.int32), 0, max_steps)
     dtype = working_dtype([leaf.dtype for leaf in jax.tree.leaves(z0)])
     z0_mat, ravel, unravel = ravel_batch(z0, dtype)
     f_mat = _checked_f(f, z0, ravel, unravel)
@@ -221,7 +234,7 @@ def solve(method: Method, f: Callable, z0: PyTree, max_steps: int, tol: float, s
     )
 
     def cond(s: _Loop):
-        return (s.k < max_steps) & ~jnp.all(s.stopped)
+        return (s.k < limit) & ~jnp.all(s.stopped)
 
     def body(s: _Loop):
         z_prop, method_state = method.step(s.method_state, s.z, s.fz)

@@ -83,6 +83,7 @@ def broyden(
     max_steps: int = 30,
     tol: float = 1e-3,
     stop_mode: str = "rel",
+    step_limit=None,
     memory: int = DEFAULT_MEMORY,
 ) -> base.SolverResult:
     """Solves ``z = f(z)`` per example with limited-memory Broyden.
@@ -94,6 +95,8 @@ def broyden(
       max_steps: the most solver updates (``f`` runs at most ``max_steps + 1`` times).
       tol: stop an example once its stop-mode residual is below ``tol``.
       stop_mode: ``"rel"`` for ``||f(z)-z|| / ||f(z)||``, ``"abs"`` for ``||f(z)-z||``.
+      step_limit: optional int (may be traced, e.g. under ``jit``) that lowers the
+        step limit to ``min(step_limit, max_steps)`` without recompiling.
       memory: rank-one pairs kept (ring buffer); costs ``2 * memory * B * D`` floats.
 
     Returns:
@@ -101,4 +104,4 @@ def broyden(
     """
     if not isinstance(memory, int) or memory < 1:
         raise ValueError(f"memory must be a positive int, got {memory!r}")
-    return base.solve(_method(memory), f, z0, max_steps, tol, stop_mode)
+    return base.solve(_method(memory), f, z0, max_steps, tol, stop_mode, step_limit)
