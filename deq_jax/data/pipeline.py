@@ -1,0 +1,116 @@
+"""Batches from in-memory arrays: seeded epoch shuffling, augmentation, normalization."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """An in-memory image classification data set.
+
+    Attributes:
+      name: data set name.
+      train_images, test_images: ``[N, H, W, C]`` uint8 (0..255) or float32 (0..1).
+      train_labels, test_labels: ``[N]`` int32.
+      num_classes: number of classes.
+      mean, std: ``[C]`` float32 normalization of images scaled to 0..1.
+      crop_padding: random-crop padding for training batches (0: no crop).
+      flip: random horizontal flips for training batches.
+    """
+
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    mean: np.ndarray
+    std: np.ndarray
+    crop_padding: int = 0
+    flip: bool = False
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])
+
+
+def normalize(dataset: Dataset, images: np.ndarray) -> np.ndarray:
+    """Images (uint8 0..255 or float 0..1) -> float32 ``(x - mean) / std``."""
+    x = images.astype(np.float32)
+    if images.dtype == np.uint8:
+        x = x / 255.0
+    return (x - dataset.mean) / dataset.std
+
+
+def augment(images: np.ndarray, rng: np.random.Generator, crop_padding: int, flip: bool) -> np.ndarray:
+    """Random crop after zero padding by ``crop_padding`` pixels, then random horizontal flip.
+
+    ``images``: ``[B, H, W, C]``; returns the same shape and dtype.
+    """
+    b, h, w, _ = images.shape
+    if crop_padding:
+        p = crop_padding
+        padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+        dy = rng.integers(0, 2 * p + 1, size=b)
+        dx = rng.integers(0, 2 * p + 1, size=b)
+        rows = dy[:, None] + np.arange(h)[None, :]  # [B, H]
+        cols = dx[:, None] + np.arange(w)[None, :]  # [B, W]
+        images = padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    if flip:
+        flipped = rng.random(b) < 0.5
+        images = np.where(flipped[:, None, None, None], images[:, :, ::-1], images)
+    return images
+
+
+def steps_per_epoch(dataset: Dataset, batch_size: int) -> int:
+    n = len(dataset.train_labels)
+    if batch_size > n:
+        raise ValueError(f"batch_size {batch_size} exceeds the {n} training examples of {dataset.name}")
+    return n // batch_size
+
+
+def train_batch(dataset: Dataset, step: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training batch of global step ``step``: ``([B, H, W, C] float32, [B] int32)``.
+
+    Epoch e visits the training set in the order ``permutation(seed, e)`` (the last
+    partial batch is dropped); augmentation draws from ``(seed, step)``. Pure in its
+    arguments, so resuming at any step reproduces the same batches.
+    """
+    per_epoch = steps_per_epoch(dataset, batch_size)
+    epoch, i = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(len(dataset.train_labels))
+    idx = order[i * batch_size : (i + 1) * batch_size]
+    images = dataset.train_images[idx]
+    if dataset.crop_padding or dataset.flip:
+        images = augment(images, np.random.default_rng([seed, step, 1]), dataset.crop_padding, dataset.flip)
+    return normalize(dataset, images), dataset.train_labels[idx]
+
+
+def eval_batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The test set in order, as ``(images, labels, weights)`` batches of exactly ``batch_size``.
+
+    The last batch is padded with copies of the first examples and weight 0, so that
+    every batch has the same shape (one compilation) and shards evenly.
+    """
+    n = len(dataset.test_labels)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        weights = (idx < n).astype(np.float32)
+        idx = np.where(idx < n, idx, idx % n)
+        yield normalize(dataset, dataset.test_images[idx]), dataset.test_labels[idx], weights
+
+
+def load(name: str, *, seed: int = 0, data_dir: str | None = None) -> Dataset:
+    """Loads ``"digits"`` (embedded, no download) or ``"cifar10"`` (prepared with TFDS)."""
+    from deq_jax.data.cifar10 import load_cifar10
+    from deq_jax.data.digits import load_digits
+
+    if name == "digits":
+        return load_digits(seed=seed)
+    if name == "cifar10":
+        return load_cifar10(data_dir=data_dir)
+    raise ValueError(f"unknown data set {name!r}; choose 'digits' or 'cifar10'")
