@@ -43,17 +43,35 @@ def _dim(z) -> int:
     return sum(leaf[0].size for leaf in jax.tree.leaves(z))
 
 
+def _is_key_batch(key) -> bool:
+    """True for a ``[B]`` array of typed PRNG keys (one key per example)."""
+    return jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1
+
+
 def _draw(key, z, num_probes: int, probe: str):
-    """``num_probes`` random pytrees like z, stacked on a new leading axis."""
+    """``num_probes`` random pytrees like z, stacked on a new leading axis.
+
+    ``key`` is one PRNG key for the batch, or a ``[B]`` array of typed keys: then
+    example b's probes come from ``key[b]`` alone, so they do not depend on the batch
+    size or on how the batch is split across devices.
+    """
     leaves, treedef = jax.tree.flatten(z)
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for k, leaf in zip(keys, leaves, strict=True):
-        shape = (num_probes,) + leaf.shape
+
+    def sample(k, shape, dtype):
         if probe == "gaussian":
-            out.append(jax.random.normal(k, shape, leaf.dtype))
+            return jax.random.normal(k, shape, dtype)
+        return jax.random.rademacher(k, shape, dtype)
+
+    out = []
+    for i, leaf in enumerate(leaves):
+        if _is_key_batch(key):
+            if key.shape[0] != leaf.shape[0]:
+                raise ValueError(f"got {key.shape[0]} keys for a batch of {leaf.shape[0]} examples")
+            per_example = (num_probes,) + leaf.shape[1:]
+            keys = jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(key)
+            out.append(jax.vmap(lambda k, s=per_example, d=leaf.dtype: sample(k, s, d), out_axes=1)(keys))
         else:
-            out.append(jax.random.rademacher(k, shape, leaf.dtype))
+            out.append(sample(jax.random.fold_in(key, i), (num_probes,) + leaf.shape, leaf.dtype))
     return jax.tree.unflatten(treedef, out)
 
 
@@ -69,7 +87,8 @@ def hutchinson_frobenius(
 
     ``mean_m ||eps_m^T J_b||^2 / d`` (``mode="vjp"``, reverse mode) or
     ``mean_m ||J_b eps_m||^2 / d`` (``mode="jvp"``, forward mode), with
-    ``num_probes`` Gaussian or Rademacher probes ``eps_m`` per example.
+    ``num_probes`` Gaussian or Rademacher probes ``eps_m`` per example. ``key``: one
+    PRNG key, or a ``[B]`` array of typed keys (``jax.random.key``), one per example.
     """
     if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
         raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")

@@ -112,3 +112,14 @@ def test_bad_arguments():
         deq_jax.hutchinson_frobenius(fz, z, key, num_probes=0)
     with pytest.raises(ValueError, match="num_iters"):
         deq_jax.spectral_radius(fz, z, key, num_iters=1)
+
+
+def test_per_example_keys_make_the_estimate_independent_of_batch_split():
+    params, z = make(3)
+    fz = lambda z: cell(params, z)  # noqa: E731
+    keys = jax.random.split(jax.random.key(5), B)
+    whole = deq_jax.hutchinson_frobenius(fz, z, keys, num_probes=2)
+    parts = [deq_jax.hutchinson_frobenius(fz, z[i : i + 1], keys[i : i + 1], num_probes=2) for i in range(B)]
+    np.testing.assert_allclose(whole, jnp.concatenate(parts), rtol=1e-5)
+    with pytest.raises(ValueError, match="keys for a batch"):
+        deq_jax.hutchinson_frobenius(fz, z, keys[:2])
