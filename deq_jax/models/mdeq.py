@@ -189,13 +189,14 @@ class MDEQ(nn.Module):
         self.head_final = nn.Conv(s.final_channels, (1, 1))
         self.classifier = nn.Dense(self.num_classes)
 
-    def inject(self, images: Array, train: bool = False) -> dict[str, Any]:
+    def inject(self, images: Array, dropout_keys: Array | None = None) -> dict[str, Any]:
         """Images ``[B, H, W, C_in]`` -> ``{"features": [B, H', W', channels[0]], "masks": tuple}``.
 
         ``H' = H / stem_stride``; H' must be divisible by ``2^(branches - 1)``. The
         masks (one per branch, ``[B, 1, 1, expand * channels[i]]``, values 0 or
-        ``1 / (1 - dropout)``) are ones unless ``train`` and ``dropout > 0``, in which
-        case they use the ``"dropout"`` RNG stream.
+        ``1 / (1 - dropout)``) are ones unless ``dropout_keys`` (``[B]`` typed PRNG keys,
+        one per example: masks then do not depend on how the batch is split across
+        devices) is given and ``dropout > 0``.
         """
         if images.ndim != 4:
             raise ValueError(f"MDEQ expects images [B, H, W, C], got shape {images.shape}")
@@ -206,18 +207,21 @@ class MDEQ(nn.Module):
         scale = 2 ** (len(s.channels) - 1)
         if h.shape[1] % scale or h.shape[2] % scale:
             raise ValueError(
-                f"{len(s.channels)} branches need the stem's output ({h.shape[1]}x{h.shape[2]}) "
-                f"divisible by {scale}"
+                f"{len(s.channels)} branches need the stem's output ({h.shape[1]}x{h.shape[2]}) divisible by {scale}"
             )
         batch = images.shape[0]
         masks = []
-        for c in s.channels:
-            shape = (batch, 1, 1, c * s.expand)
-            if train and self.dropout > 0:
-                keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout, shape)
+        for i, c in enumerate(s.channels):
+            shape = (1, 1, c * s.expand)
+            if dropout_keys is not None and self.dropout > 0:
+                keep = jax.vmap(
+                    lambda k, i=i, shape=shape: jax.random.bernoulli(
+                        jax.random.fold_in(k, i), 1.0 - self.dropout, shape
+                    )
+                )(dropout_keys)
                 masks.append(keep.astype(h.dtype) / (1.0 - self.dropout))
             else:
-                masks.append(jnp.ones(shape, h.dtype))
+                masks.append(jnp.ones((batch,) + shape, h.dtype))
         return {"features": h, "masks": tuple(masks)}
 
     def initial_state(self, x: dict[str, Any]) -> tuple[Array, ...]:
@@ -242,7 +246,7 @@ class MDEQ(nn.Module):
         y = nn.relu(self.head_final(y))
         return self.classifier(jnp.mean(y, axis=(1, 2)))
 
-    def __call__(self, images: Array, train: bool = False) -> Array:
+    def __call__(self, images: Array) -> Array:
         """One cell application from z0 (used to initialize every parameter)."""
-        x = self.inject(images, train)
+        x = self.inject(images)
         return self.head(self.cell(x, self.initial_state(x)))

@@ -1,0 +1,188 @@
+"""The training configuration: every key, its default and its check.
+
+Configs are ``ml_collections.ConfigDict`` files (``experiments/configs/*.py``, each a
+``get_config()`` that starts from :func:`default_config`). :func:`resolve` merges a
+config into the defaults and rejects unknown keys, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import ml_collections
+
+from deq_jax import solvers
+
+SCHEDULES = ("constant", "staircase", "adaptive")
+BACKWARD_MODES = ("implicit", "phantom")
+OPTIMIZERS = ("adam", "sgd")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key the trainer reads, with the digits defaults."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "digits"  # "digits" (embedded) or "cifar10" (TFDS, prepared)
+    c.data.data_dir = ""  # TFDS data_dir; "" = TFDS default (~/tensorflow_datasets)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.size = "digits"  # deq_jax.models.SIZES: digits, tiny, cifar
+    c.model.dropout = 0.0  # variational dropout inside the cell
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 64  # global batch, split over all devices
+    c.train.num_steps = 600
+    c.train.pretrain_steps = 100  # steps with the cell unrolled, before DEQ mode
+    c.train.pretrain_layers = 4  # k weight-tied layers while pretraining
+    c.train.log_every = 20
+    c.train.eval_every = 200
+    c.train.checkpoint_every = 100  # multiple of log_every (exact resume)
+    c.train.keep_checkpoints = 3
+
+    c.forward = ml_collections.ConfigDict()
+    c.forward.solver = "broyden"
+    c.forward.max_steps = 12
+    c.forward.tol = 1e-3
+    c.forward.stop_mode = "rel"
+    c.forward.random_lower = 2  # lower the step limit by 0..random_lower each step
+
+    c.backward = ml_collections.ConfigDict()
+    c.backward.mode = "implicit"  # "implicit" (adjoint solve) or "phantom"
+    c.backward.solver = "broyden"
+    c.backward.max_steps = 12
+    c.backward.tol = 1e-4
+    c.backward.stop_mode = "rel"
+    c.backward.phantom_steps = 5
+    c.backward.phantom_damping = 0.5
+
+    c.jr = ml_collections.ConfigDict()
+    c.jr.gamma = 0.5  # weight of ||J_f(z*)||_F^2 / d in the loss; 0 disables JR
+    c.jr.num_probes = 1
+    c.jr.prob = 0.5  # probability of applying JR at a step
+    c.jr.schedule = "constant"  # constant | staircase | adaptive
+    c.jr.staircase_delta = 0.1  # staircase: +delta every staircase_every steps after pretraining
+    c.jr.staircase_every = 100
+    c.jr.target_steps = 6.0  # adaptive: forward steps the schedule aims for
+    c.jr.target_residual = 1e-3  # adaptive: mean relative residual it tolerates
+    c.jr.slack = 0.25  # adaptive: lower gamma only below (1 - slack) * target_steps
+    c.jr.up = 1.05  # adaptive: gamma *= up when over target
+    c.jr.down = 0.98  # adaptive: gamma *= down when comfortably under
+    c.jr.ema = 0.9  # adaptive: smoothing of the observed steps and residual
+    c.jr.gamma_min = 0.05
+    c.jr.gamma_max = 10.0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adam"  # adam | sgd (momentum, nesterov)
+    c.optim.learning_rate = 2e-3
+    c.optim.warmup_steps = 50
+    c.optim.min_lr_ratio = 0.0  # cosine decays to learning_rate * min_lr_ratio
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 0.0  # decoupled (AdamW / SGD + decay)
+    c.optim.clip_norm = 1.0  # global-norm gradient clipping; 0 disables
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 200
+    c.eval.max_steps = 30  # generous limit for "steps needed to reach tol"
+    c.eval.budgets = "all"  # "all" = 1..forward.max_steps, or "1,2,4,8"
+    c.eval.jac_probes = 4
+
+    c.multihost = False  # call jax.distributed.initialize() first
+    return c
+
+
+def _check_keys(config, reference, prefix=""):
+    for key in config.keys():
+        path = f"{prefix}{key}"
+        if key not in reference:
+            close = difflib.get_close_matches(key, list(reference.keys()), n=1)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            raise ValueError(
+                f"unknown config key {path!r}{hint} Valid keys here: {sorted(reference.keys())}"
+            )
+        value, ref = config[key], reference[key]
+        if isinstance(ref, ml_collections.ConfigDict):
+            if not isinstance(value, (ml_collections.ConfigDict, dict)):
+                raise ValueError(f"config key {path!r} must be a group of keys, got {value!r}")
+            _check_keys(value, ref, path + ".")
+
+
+def _merge(target, source):
+    for key in source.keys():
+        if isinstance(target[key], ml_collections.ConfigDict):
+            _merge(target[key], source[key])
+        else:
+            target[key] = source[key]
+
+
+def resolve(config: ml_collections.ConfigDict | dict) -> ml_collections.ConfigDict:
+    """Defaults updated by ``config``; unknown keys and bad values raise ``ValueError``.
+
+    Returns a locked ConfigDict (assigning an unknown key later also fails).
+    """
+    resolved = default_config()
+    _check_keys(config, resolved)
+    _merge(resolved, config)
+    validate(resolved)
+    resolved.lock()
+    return resolved
+
+
+def _require(condition: bool, message: str):
+    if not condition:
+        raise ValueError(message)
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Value checks that would otherwise fail late (or silently) in training."""
+    t = c.train
+    _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    _require(t.num_steps >= 1, f"train.num_steps must be >= 1, got {t.num_steps}")
+    _require(0 <= t.pretrain_steps <= t.num_steps, "train.pretrain_steps must be in [0, train.num_steps]")
+    _require(t.pretrain_layers >= 1, "train.pretrain_layers must be >= 1")
+    for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        _require(t[key] >= 1, f"train.{key} must be >= 1, got {t[key]}")
+    _require(
+        t.checkpoint_every % t.log_every == 0,
+        f"train.checkpoint_every ({t.checkpoint_every}) must be a multiple of train.log_every ({t.log_every}), "
+        "so that a resumed run logs exactly what an uninterrupted one does",
+    )
+    for part in ("forward", "backward"):
+        s = c[part]
+        _require(s.solver in solvers.SOLVERS, f"{part}.solver must be one of {sorted(solvers.SOLVERS)}, got {s.solver!r}")
+        _require(s.max_steps >= 1 and s.tol > 0, f"{part}.max_steps must be >= 1 and {part}.tol > 0")
+        _require(s.stop_mode in ("rel", "abs"), f"{part}.stop_mode must be 'rel' or 'abs', got {s.stop_mode!r}")
+    _require(
+        0 <= c.forward.random_lower < c.forward.max_steps,
+        "forward.random_lower must be in [0, forward.max_steps)",
+    )
+    _require(c.backward.mode in BACKWARD_MODES, f"backward.mode must be one of {BACKWARD_MODES}")
+    j = c.jr
+    _require(j.gamma >= 0, f"jr.gamma must be >= 0, got {j.gamma}")
+    _require(j.num_probes >= 1, "jr.num_probes must be >= 1")
+    _require(0 <= j.prob <= 1, f"jr.prob must be in [0, 1], got {j.prob}")
+    _require(j.schedule in SCHEDULES, f"jr.schedule must be one of {SCHEDULES}, got {j.schedule!r}")
+    _require(j.staircase_every >= 1, "jr.staircase_every must be >= 1")
+    _require(j.up >= 1 and 0 < j.down <= 1, "jr.up must be >= 1 and jr.down in (0, 1]")
+    _require(0 <= j.ema < 1 and 0 <= j.slack < 1, "jr.ema and jr.slack must be in [0, 1)")
+    _require(0 < j.gamma_min <= j.gamma_max, "need 0 < jr.gamma_min <= jr.gamma_max")
+    o = c.optim
+    _require(o.name in OPTIMIZERS, f"optim.name must be one of {OPTIMIZERS}, got {o.name!r}")
+    _require(o.learning_rate > 0 and o.warmup_steps >= 0, "optim.learning_rate must be > 0, warmup_steps >= 0")
+    _require(o.weight_decay >= 0 and o.clip_norm >= 0, "optim.weight_decay and optim.clip_norm must be >= 0")
+    _require(c.eval.batch_size >= 1 and c.eval.jac_probes >= 1, "eval.batch_size and eval.jac_probes must be >= 1")
+    _require(c.eval.max_steps >= c.forward.max_steps, "eval.max_steps must be >= forward.max_steps")
+    budgets(c)
+
+
+def budgets(c: ml_collections.ConfigDict) -> list[int]:
+    """The forward step budgets evaluated at the end (the paper's Table 3 view)."""
+    if c.eval.budgets == "all":
+        return list(range(1, c.forward.max_steps + 1))
+    try:
+        values = sorted({int(b) for b in str(c.eval.budgets).split(",")})
+    except ValueError:
+        raise ValueError(f"eval.budgets must be 'all' or comma-separated ints, got {c.eval.budgets!r}") from None
+    _require(all(1 <= b <= c.eval.max_steps for b in values), f"eval.budgets must lie in [1, {c.eval.max_steps}]")
+    return values

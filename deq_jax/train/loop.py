@@ -1,0 +1,259 @@
+"""The training loop: run folder, logging, evaluation, checkpoints, exact resume.
+
+    summary = deq_jax.train.train(config, "runs/digits")
+
+A run folder holds ``config.json`` (the resolved config), ``metrics.jsonl``,
+``ckpt_<step>.msgpack`` (the last ``train.keep_checkpoints``), ``summary.json`` and
+``plots/``. ``train(..., resume=True)`` continues from the newest checkpoint; since
+batches and all randomness are functions of ``(seed, step)`` and checkpoints fall on
+log boundaries, the resumed run writes the same metrics as an uninterrupted one
+(timings aside).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from deq_jax import data as data_lib
+from deq_jax.models import MDEQ
+from deq_jax.train import checkpoint, plots, step as step_lib
+from deq_jax.train.config import budgets, resolve
+from deq_jax.train.metrics import MetricsWriter, read
+from deq_jax.train.optim import make_optimizer
+
+TIMING_KEYS = ("step_time", "examples_per_s", "train_time_s")
+
+
+def _global_array(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from the (identical) host copy on every process, each sending its shards."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def _config_json(c) -> dict:
+    return json.loads(c.to_json_best_effort())
+
+
+def _prepare_run_dir(run_dir: Path, c, resume: bool) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.json"
+    if config_path.exists():
+        if not resume:
+            raise FileExistsError(
+                f"{run_dir} already holds a run; pass --resume to continue it or choose another --workdir"
+            )
+        saved = json.loads(config_path.read_text())
+        if saved != _config_json(c):
+            diff = sorted(_flat_diff(saved, _config_json(c)))
+            raise ValueError(f"--resume with a different config than the run's config.json: {diff}")
+    else:
+        tmp = config_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(_config_json(c), indent=2, sort_keys=True) + "\n")
+        tmp.replace(config_path)
+
+
+def _flat_diff(a, b, prefix=""):
+    for key in set(a) | set(b):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            yield from _flat_diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            yield f"{prefix}{key}: {va!r} -> {vb!r}"
+
+
+def evaluate(eval_fns, params, dataset, c, mesh, step: int, final: bool) -> list[dict]:
+    """Test-set rows: ``eval`` (trained step limit, with Jacobian norm and steps to tol at
+    ``eval.max_steps``) and, if ``final``, one ``budget`` row per forward step budget."""
+    data_sharding = NamedSharding(mesh, P(step_lib.DATA))
+    batches = [
+        tuple(_global_array(a, data_sharding) for a in batch)
+        for batch in data_lib.eval_batches(dataset, c.eval.batch_size)
+    ]
+
+    def run(fn, limit):
+        totals = {}
+        for images, labels, weights in batches:
+            sums = fn(params, np.int32(limit), images, labels, weights)
+            for k, v in jax.device_get(sums).items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        n = totals.pop("count")
+        return {
+            "accuracy": totals["correct"] / n,
+            "loss": totals["loss"] / n,
+            "steps": totals["steps"] / n,
+            "converged": totals["converged"] / n,
+            "residual": totals["residual"] / n,
+            **({"jac": totals["jac"] / n} if "jac" in totals else {}),
+        }
+
+    at_limit = run(eval_fns["jac"], c.forward.max_steps)
+    generous = run(eval_fns["plain"], c.eval.max_steps)
+    rows = [
+        {
+            "step": step,
+            "kind": "eval",
+            **at_limit,
+            "steps_to_tol": generous["steps"],
+            "converged_to_tol": generous["converged"],
+            "accuracy_to_tol": generous["accuracy"],
+        }
+    ]
+    if final:
+        for b in budgets(c):
+            rows.append({"step": step, "kind": "budget", "budget": b, **run(eval_fns["plain"], b)})
+    return rows
+
+
+def _mean_rows(history: list[dict]) -> dict:
+    out = {}
+    for key in history[0]:
+        values = np.array([h[key] for h in history], np.float64)
+        finite = values[np.isfinite(values)]
+        out[key] = float(finite.mean()) if finite.size else float("nan")
+    return out
+
+
+def train(config, run_dir, *, resume: bool = False, progress: bool = True, until_step: int | None = None) -> dict:
+    """Trains an MDEQ as ``config`` says, writing the run folder ``run_dir``.
+
+    Args:
+      config: a ConfigDict/dict of overrides of :func:`deq_jax.train.config.default_config`.
+      run_dir: the run folder (created; must not hold another run unless ``resume``).
+      resume: continue from the newest checkpoint of ``run_dir`` (same config required).
+      progress: show a progress bar.
+      until_step: stop (after checkpointing) at this step, e.g. to fit a job slot; a later
+        ``resume=True`` call continues. Must be a multiple of ``train.checkpoint_every``.
+
+    Returns:
+      The summary dict (also written to ``summary.json`` when the run completes).
+    """
+    from tqdm.auto import tqdm
+
+    c = resolve(config)
+    run_dir = Path(run_dir)
+    if until_step is not None and (until_step % c.train.checkpoint_every or until_step > c.train.num_steps):
+        raise ValueError("until_step must be a multiple of train.checkpoint_every, at most train.num_steps")
+    lead = jax.process_index() == 0
+    if lead:
+        _prepare_run_dir(run_dir, c, resume)
+
+    dataset = data_lib.load(c.data.name, seed=c.seed, data_dir=c.data.data_dir or None)
+    mesh = step_lib.make_mesh()
+    step_lib.check_batch(c.train.batch_size, mesh)
+    step_lib.check_batch(c.eval.batch_size, mesh, "eval.batch_size")
+    data_lib.pipeline.steps_per_epoch(dataset, c.train.batch_size)
+
+    model = MDEQ(c.model.size, num_classes=dataset.num_classes, dropout=c.model.dropout)
+    tx, lr = make_optimizer(c)
+    state = step_lib.init_state(model, c, tx, dataset.image_shape, mesh)
+    writer = MetricsWriter(run_dir / "metrics.jsonl")
+    start, train_time = 0, 0.0
+    if resume and checkpoint.steps(run_dir):
+        host_state, start = checkpoint.restore(run_dir, state)
+        state = jax.device_put(host_state, NamedSharding(mesh, P()))
+    if lead:
+        writer.truncate_after(start)
+        done = [r for r in read(writer.path) if r["kind"] == "train"] if writer.path.exists() else []
+        train_time = done[-1]["train_time_s"] if done else 0.0
+
+    steps = {
+        mode: step_lib.make_train_step(model, c, tx, lr, mesh, mode) for mode in ("unrolled", "deq")
+    }
+    eval_fns = {
+        "jac": step_lib.make_eval_step(model, c, mesh, with_jacobian=True),
+        "plain": step_lib.make_eval_step(model, c, mesh, with_jacobian=False),
+    }
+    data_sharding = NamedSharding(mesh, P(step_lib.DATA))
+    end = c.train.num_steps if until_step is None else until_step
+    bar = tqdm(
+        total=c.train.num_steps,
+        initial=start,
+        disable=not (progress and lead),
+        desc=f"train {c.data.name}/{c.model.size}",
+        dynamic_ncols=True,
+    )
+    history, tick = [], time.perf_counter()
+    for s in range(start, end):
+        images, labels = data_lib.train_batch(dataset, s, c.train.batch_size, c.seed)
+        mode = "unrolled" if s < c.train.pretrain_steps else "deq"
+        state, metrics = steps[mode](
+            state, _global_array(images, data_sharding), _global_array(labels, data_sharding)
+        )
+        history.append(metrics)
+        bar.update(1)
+        done_steps = s + 1
+        if done_steps % c.train.log_every == 0 or done_steps == c.train.num_steps:
+            row = _mean_rows(jax.device_get(history))
+            elapsed = time.perf_counter() - tick
+            train_time += elapsed
+            row |= {
+                "step_time": elapsed / len(history),
+                "examples_per_s": len(history) * c.train.batch_size / elapsed,
+                "train_time_s": train_time,
+            }
+            if lead:
+                writer.write({"step": done_steps, "kind": "train", "mode": mode, **row})
+            bar.set_postfix(
+                loss=f"{row['loss']:.3f}",
+                acc=f"{row['accuracy']:.3f}",
+                fwd=f"{row['fwd_steps']:.1f}",
+                res=f"{row['fwd_residual']:.1e}",
+                jr=f"{row['jr']:.2e}",
+                gamma=f"{row['gamma']:.2f}",
+            )
+            if not math.isfinite(row["loss"]):
+                raise FloatingPointError(
+                    f"training loss became {row['loss']} by step {done_steps}; lower optim.learning_rate, "
+                    "raise jr.gamma or lower forward.max_steps (the last checkpoint is intact)"
+                )
+            history, tick = [], time.perf_counter()
+        final = done_steps == c.train.num_steps
+        if done_steps % c.train.eval_every == 0 or final:
+            t0 = time.perf_counter()
+            rows = evaluate(eval_fns, state.params, dataset, c, mesh, done_steps, final)
+            if lead:
+                for row in rows:
+                    writer.write(row)
+                bar.write(
+                    f"step {done_steps}: test acc {rows[0]['accuracy']:.4f} | fwd steps {rows[0]['steps']:.2f} "
+                    f"(to tol {rows[0]['steps_to_tol']:.2f}) | rel residual {rows[0]['residual']:.2e} | "
+                    f"||J||_F^2/d {rows[0]['jac']:.3e}"
+                )
+            tick += time.perf_counter() - t0  # evaluation time is not training time
+        if lead and (done_steps % c.train.checkpoint_every == 0 or final):
+            checkpoint.save(run_dir, done_steps, state, c.train.keep_checkpoints)
+    bar.close()
+    if end < c.train.num_steps:
+        return {"stopped_at": end, "run_dir": str(run_dir)}
+    return _finish(run_dir, lead)
+
+
+def _finish(run_dir: Path, lead: bool) -> dict:
+    rows = read(run_dir / "metrics.jsonl")
+    last_step = max(r["step"] for r in rows)
+    final = next(r for r in rows if r["kind"] == "eval" and r["step"] == last_step)
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    summary = {
+        "run_dir": str(run_dir),
+        "steps": last_step,
+        "test_accuracy": final["accuracy"],
+        "fwd_steps_at_limit": final["steps"],
+        "fwd_steps_to_tol": final["steps_to_tol"],
+        "converged_to_tol": final["converged_to_tol"],
+        "residual_at_limit": final["residual"],
+        "jacobian_frobenius_sq_per_dim": final["jac"],
+        "train_time_s": train_rows[-1]["train_time_s"],
+        "budgets": {r["budget"]: {"accuracy": r["accuracy"], "residual": r["residual"]} for r in rows
+                    if r["kind"] == "budget" and r["step"] == last_step},
+    }
+    if lead:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary["plots"] = [str(p) for p in plots.plot_runs([run_dir], run_dir / "plots")]
+    return summary
