@@ -231,7 +231,7 @@ def _damped_unroll(f, params, x, z, steps, damping):
         fz = f(params, x, z)
         return jax.tree.map(lambda a, b: (1.0 - damping) * a + damping * b, fz, z), None
 
-    z, _ = jax.lax.scan(body, z, None, length=steps)
+    z, _ = jax.lax.scan(body, z, None, length=steps, unroll=True)
     return z
 
 

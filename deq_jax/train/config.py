@@ -33,12 +33,12 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 64  # global batch, split over all devices
-    c.train.num_steps = 600
-    c.train.pretrain_steps = 100  # steps with the cell unrolled, before DEQ mode
+    c.train.num_steps = 450
+    c.train.pretrain_steps = 250  # steps with the cell unrolled, before DEQ mode
     c.train.pretrain_layers = 4  # k weight-tied layers while pretraining
-    c.train.log_every = 20
-    c.train.eval_every = 200
-    c.train.checkpoint_every = 100  # multiple of log_every (exact resume)
+    c.train.log_every = 10
+    c.train.eval_every = 250
+    c.train.checkpoint_every = 50  # multiple of log_every (exact resume)
     c.train.keep_checkpoints = 3
 
     c.forward = ml_collections.ConfigDict()
@@ -58,7 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.backward.phantom_damping = 0.5
 
     c.jr = ml_collections.ConfigDict()
-    c.jr.gamma = 0.5  # weight of ||J_f(z*)||_F^2 / d in the loss; 0 disables JR
+    c.jr.gamma = 2.0  # weight of ||J_f(z*)||_F^2 / d in the loss; 0 disables JR
     c.jr.num_probes = 1
     c.jr.prob = 0.5  # probability of applying JR at a step
     c.jr.schedule = "constant"  # constant | staircase | adaptive
@@ -97,7 +97,7 @@ def _check_keys(config, reference, prefix=""):
         path = f"{prefix}{key}"
         if key not in reference:
             close = difflib.get_close_matches(key, list(reference.keys()), n=1)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             raise ValueError(
                 f"unknown config key {path!r}{hint} Valid keys here: {sorted(reference.keys())}"
             )

@@ -120,7 +120,7 @@ def _mean_rows(history: list[dict]) -> dict:
     return out
 
 
-def train(config, run_dir, *, resume: bool = False, progress: bool = True, until_step: int | None = None) -> dict:
+def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> dict:
     """Trains an MDEQ as ``config`` says, writing the run folder ``run_dir``.
 
     Args:
@@ -128,8 +128,6 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True, until
       run_dir: the run folder (created; must not hold another run unless ``resume``).
       resume: continue from the newest checkpoint of ``run_dir`` (same config required).
       progress: show a progress bar.
-      until_step: stop (after checkpointing) at this step, e.g. to fit a job slot; a later
-        ``resume=True`` call continues. Must be a multiple of ``train.checkpoint_every``.
 
     Returns:
       The summary dict (also written to ``summary.json`` when the run completes).
@@ -138,8 +136,6 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True, until
 
     c = resolve(config)
     run_dir = Path(run_dir)
-    if until_step is not None and (until_step % c.train.checkpoint_every or until_step > c.train.num_steps):
-        raise ValueError("until_step must be a multiple of train.checkpoint_every, at most train.num_steps")
     lead = jax.process_index() == 0
     if lead:
         _prepare_run_dir(run_dir, c, resume)
@@ -171,7 +167,6 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True, until
         "plain": step_lib.make_eval_step(model, c, mesh, with_jacobian=False),
     }
     data_sharding = NamedSharding(mesh, P(step_lib.DATA))
-    end = c.train.num_steps if until_step is None else until_step
     bar = tqdm(
         total=c.train.num_steps,
         initial=start,
@@ -180,7 +175,7 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True, until
         dynamic_ncols=True,
     )
     history, tick = [], time.perf_counter()
-    for s in range(start, end):
+    for s in range(start, c.train.num_steps):
         images, labels = data_lib.train_batch(dataset, s, c.train.batch_size, c.seed)
         mode = "unrolled" if s < c.train.pretrain_steps else "deq"
         state, metrics = steps[mode](
@@ -230,8 +225,6 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True, until
         if lead and (done_steps % c.train.checkpoint_every == 0 or final):
             checkpoint.save(run_dir, done_steps, state, c.train.keep_checkpoints)
     bar.close()
-    if end < c.train.num_steps:
-        return {"stopped_at": end, "run_dir": str(run_dir)}
     return _finish(run_dir, lead)
 
 

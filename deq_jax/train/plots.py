@@ -15,7 +15,7 @@ PANELS = [
     ("train", "fwd_residual", "forward rel. residual (train)", "log"),
     ("eval", "jac", "||J_f(z*)||_F^2 / d (test)", "log"),
     ("train", "gamma", "JR weight gamma", "linear"),
-    ("eval", "steps", "forward steps to tol (test)", "linear"),
+    ("eval", "steps_to_tol", "forward steps to tol (test)", "linear"),
 ]
 
 

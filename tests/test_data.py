@@ -1,0 +1,70 @@
+"""Data: the digits split, CIFAR-10 through tfds.testing.mock_data, augmentation, errors."""
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from deq_jax import data
+
+
+def test_digits_split_is_deterministic_and_stratified():
+    a, b, c = data.load_digits(seed=0), data.load_digits(seed=0), data.load_digits(seed=1)
+    assert a.train_images.shape == (1437, 8, 8, 1) and a.test_images.shape == (360, 8, 8, 1)
+    np.testing.assert_array_equal(a.test_labels, b.test_labels)
+    np.testing.assert_array_equal(a.train_images, b.train_images)
+    assert not np.array_equal(a.test_labels, c.test_labels)
+    counts = np.bincount(a.test_labels, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # stratified: 10 classes of ~180
+    assert 0.0 <= a.train_images.min() and a.train_images.max() <= 1.0
+
+
+def test_train_batches_are_pure_functions_of_seed_and_step():
+    ds = data.load_digits()
+    x1, y1 = data.train_batch(ds, 5, 32, seed=0)
+    x2, y2 = data.train_batch(ds, 5, 32, seed=0)
+    x3, _ = data.train_batch(ds, 6, 32, seed=0)
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(y1, y2)
+    assert not np.array_equal(x1, x3)
+    # One epoch visits every training example once.
+    per_epoch = len(ds.train_labels) // 32
+    seen = np.concatenate([data.train_batch(ds, s, 32, seed=0)[1] for s in range(per_epoch)])
+    assert len(seen) == per_epoch * 32
+    batches = list(data.eval_batches(ds, 200))
+    assert [b[0].shape[0] for b in batches] == [200, 200]
+    assert sum(float(b[2].sum()) for b in batches) == 360
+
+
+def test_cifar10_pipeline_with_mock_data():
+    with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+        ds = data.load("cifar10", data_dir="/nonexistent")
+    assert ds.train_images.shape == (24, 32, 32, 3) and ds.train_images.dtype == np.uint8
+    assert ds.test_labels.shape == (24,) and ds.crop_padding == 4 and ds.flip
+    images, labels = data.train_batch(ds, 0, 16, seed=0)
+    assert images.shape == (16, 32, 32, 3) and images.dtype == np.float32 and labels.shape == (16,)
+    # Normalized with the CIFAR statistics: un-normalizing gives values in [0, 1].
+    raw = images * ds.std + ds.mean
+    assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
+    # Augmented: the training batch differs from the plain normalized images.
+    order = np.random.default_rng([0, 0]).permutation(24)[:16]
+    plain = data.pipeline.normalize(ds, ds.train_images[order])
+    assert not np.allclose(images, plain)
+
+
+def test_augment_crops_and_flips():
+    images = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1) + 1
+    out = data.pipeline.augment(images, np.random.default_rng(0), crop_padding=1, flip=False)
+    for b in range(2):  # each output is a 4x4 window of the zero-padded 6x6 image
+        padded = np.pad(images[b, ..., 0], 1)
+        windows = [padded[i : i + 4, j : j + 4] for i in range(3) for j in range(3)]
+        assert any(np.array_equal(out[b, ..., 0], w) for w in windows)
+    flipped = data.pipeline.augment(images, np.random.default_rng(1), crop_padding=0, flip=True)
+    for b in range(2):
+        assert np.array_equal(flipped[b], images[b]) or np.array_equal(flipped[b], images[b, :, ::-1])
+
+
+def test_missing_dataset_says_how_to_prepare_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tfds build cifar10"):
+        data.load("cifar10", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown data set"):
+        data.load("mnist")

@@ -1,0 +1,267 @@
+"""Training: config errors, schedules, the train step, JR, resume after SIGKILL, devices."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from deq_jax import data
+from deq_jax.models import MDEQ
+from deq_jax.train import config as config_lib
+from deq_jax.train import metrics as metrics_lib
+from deq_jax.train import objective, schedules, step as step_lib
+from deq_jax.train.optim import make_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = {"step_time", "examples_per_s", "train_time_s"}
+
+
+def small_config(**overrides):
+    """A few-second digits run."""
+    c = {
+        "train": {"batch_size": 16, "num_steps": 12, "pretrain_steps": 4, "pretrain_layers": 2, "log_every": 2,
+                  "eval_every": 6, "checkpoint_every": 4, "keep_checkpoints": 2},
+        "forward": {"max_steps": 5, "random_lower": 1},
+        "backward": {"max_steps": 5},
+        "jr": {"prob": 0.5},
+        "eval": {"batch_size": 120, "max_steps": 8, "budgets": "1,3,5", "jac_probes": 1},
+        "model": {"dropout": 0.2},
+    }
+    for group, values in overrides.items():
+        c.setdefault(group, {}).update(values)
+    return c
+
+
+def build(c, mode="deq", devices=None):
+    c = config_lib.resolve(c)
+    mesh = step_lib.make_mesh(devices)
+    model = MDEQ(c.model.size, dropout=c.model.dropout)
+    tx, lr = make_optimizer(c)
+    state = step_lib.init_state(model, c, tx, (8, 8, 1), mesh)
+    return c, model, state, step_lib.make_train_step(model, c, tx, lr, mesh, mode)
+
+
+def fixed_batch(n=16):
+    ds = data.load_digits()
+    images, labels = data.train_batch(ds, 0, n, seed=0)
+    return jnp.asarray(images), jnp.asarray(labels)
+
+
+# --- config -----------------------------------------------------------------------
+
+
+def test_unknown_config_key_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"unknown config key 'jr.gama'.*did you mean 'jr.gamma'"):
+        config_lib.resolve({"jr": {"gama": 1.0}})
+    with pytest.raises(ValueError, match="unknown config key 'optimizer'"):
+        config_lib.resolve(ml_collections.ConfigDict({"optimizer": {"name": "adam"}}))
+    with pytest.raises(ValueError, match="multiple of train.log_every"):
+        config_lib.resolve({"train": {"log_every": 3, "checkpoint_every": 10}})
+    with pytest.raises(ValueError, match="jr.schedule"):
+        config_lib.resolve({"jr": {"schedule": "cosine"}})
+    resolved = config_lib.resolve({"jr": {"gamma": 2.0}})
+    assert resolved.jr.gamma == 2.0 and resolved.forward.solver == "broyden"
+    with pytest.raises(AttributeError):
+        resolved.jr.new_key = 1  # locked
+
+
+def test_unknown_config_flag_fails_the_entry_point():
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "--config.jr.gama=1", "--workdir=/nonexistent"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "gama" in proc.stderr
+
+
+# --- schedules ----------------------------------------------------------------------
+
+
+def test_staircase_schedule_follows_its_rule():
+    sched = schedules.staircase(0.5, delta=0.1, every=10, pretrain_steps=20)
+    state, gammas = sched.init(), []
+    for t in range(50):
+        gammas.append(float(state.gamma))
+        state = sched.update(state, step=jnp.int32(t), fwd_steps=1.0, fwd_residual=0.0, in_deq=t >= 20)
+    expected = [0.5 + 0.1 * (max(t - 20, 0) // 10) for t in range(50)]
+    np.testing.assert_allclose(gammas, expected, rtol=1e-6)
+
+
+def test_adaptive_schedule_raises_lowers_clips_and_waits_for_deq_mode():
+    sched = schedules.adaptive(1.0, target_steps=6.0, target_residual=1e-3, slack=0.25, up=1.5, down=0.5,
+                               ema=0.0, gamma_min=0.2, gamma_max=3.0)
+    s = sched.init()
+    update = jax.jit(sched.update)
+    s_pre = update(s, step=0, fwd_steps=20.0, fwd_residual=1.0, in_deq=False)
+    assert float(s_pre.gamma) == 1.0  # pretraining: no solver, no change
+    s1 = update(s, step=0, fwd_steps=9.0, fwd_residual=1e-4, in_deq=True)  # too many steps
+    assert float(s1.gamma) == pytest.approx(1.5)
+    s2 = update(s, step=0, fwd_steps=5.0, fwd_residual=1e-2, in_deq=True)  # residual too high
+    assert float(s2.gamma) == pytest.approx(1.5)
+    s3 = update(s, step=0, fwd_steps=5.0, fwd_residual=1e-4, in_deq=True)  # within the slack band
+    assert float(s3.gamma) == pytest.approx(1.0)
+    s4 = update(s, step=0, fwd_steps=3.0, fwd_residual=1e-4, in_deq=True)  # comfortably under
+    assert float(s4.gamma) == pytest.approx(0.5)
+    for _ in range(10):
+        s1 = update(s1, step=0, fwd_steps=9.0, fwd_residual=1e-4, in_deq=True)
+        s4 = update(s4, step=0, fwd_steps=3.0, fwd_residual=1e-4, in_deq=True)
+    assert float(s1.gamma) == pytest.approx(3.0) and float(s4.gamma) == pytest.approx(0.2)
+    # With smoothing, one fast step after many slow ones does not lower gamma.
+    smooth = schedules.adaptive(1.0, target_steps=6.0, target_residual=1e-3, slack=0.25, up=1.1, down=0.5,
+                                ema=0.9, gamma_min=0.2, gamma_max=30.0)
+    s = smooth.init()
+    for _ in range(20):
+        s = smooth.update(s, step=0, fwd_steps=9.0, fwd_residual=1e-4, in_deq=True)
+    before = float(s.gamma)
+    s = smooth.update(s, step=0, fwd_steps=1.0, fwd_residual=1e-4, in_deq=True)
+    assert float(s.ema_steps) > 6.0 and float(s.gamma) > before
+
+
+# --- the train step -----------------------------------------------------------------
+
+
+def test_train_step_decreases_the_loss_and_never_retraces():
+    c, _, state, train_step = build(small_config(forward={"random_lower": 0}, model={"dropout": 0.0},
+                                                 optim={"learning_rate": 1e-2, "warmup_steps": 0}))
+    images, labels = fixed_batch()
+    losses = []
+    for _ in range(4):
+        state, metrics = train_step(state, images, labels)
+        losses.append(float(metrics["loss"]))
+    assert losses[1] < losses[0] and losses[-1] < losses[0], losses
+    assert train_step._cache_size() == 1  # one compilation for all steps
+    assert int(state.step) == 4
+    for key in ("fwd_steps", "fwd_residual", "bwd_steps", "bwd_residual"):
+        assert np.isfinite(float(metrics[key])), key
+    assert 1 <= float(metrics["fwd_steps"]) <= 5
+
+
+def test_jr_term_is_present_exactly_when_it_should_be():
+    images, labels = fixed_batch()
+    # JR applies in both modes; the unrolled (pretraining) step compiles fastest.
+    for prob, gamma, applied in [(1.0, 0.5, True), (0.0, 0.5, False), (1.0, 0.0, False)]:
+        _, _, state, train_step = build(small_config(jr={"prob": prob, "gamma": gamma}), mode="unrolled")
+        _, metrics = train_step(state, images, labels)
+        assert float(metrics["jr_applied"]) == float(applied)
+        assert np.isfinite(float(metrics["jr"])) == applied
+    # The applied fraction over many steps follows jr.prob.
+    keys = [step_lib.step_randomness(0, jnp.int32(t), 16, 0.5, 5, 1)[0] for t in range(400)]
+    assert 0.4 < float(np.mean(keys)) < 0.6
+
+
+def test_jr_gradient_reaches_the_cell_parameters():
+    model = MDEQ("digits")
+    images, _ = fixed_batch(4)
+    params = model.init(jax.random.key(0), images)["params"]
+    x = model.apply({"params": params}, images, method="inject")
+    z = model.apply({"params": params}, x, model.apply({"params": params}, x, method="initial_state"), method="cell")
+    keys = jax.random.split(jax.random.key(1), 4)
+    grads = jax.grad(lambda p: jnp.mean(objective.jacobian_penalty(model, p, x, z, keys, 1)))(params)
+    norms = {name: float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(sub)))) for name, sub in grads.items()}
+    for cell_part in ("blocks_0", "blocks_1", "fuse"):
+        assert norms[cell_part] > 0, norms
+    for outside in ("head_final", "classifier"):
+        assert norms[outside] == 0, norms
+    # The train step's update differs with and without the JR term (same batch, same seed).
+    images, labels = fixed_batch()
+    outs = []
+    for gamma in (0.0, 2.0):
+        _, _, state, train_step = build(small_config(jr={"prob": 1.0, "gamma": gamma}), mode="unrolled")
+        outs.append(train_step(state, images, labels)[0].params)
+    diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), outs[0]["fuse"], outs[1]["fuse"])
+    assert max(jax.tree.leaves(diff)) > 0
+
+
+# --- devices ------------------------------------------------------------------------
+
+MULTIDEVICE = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np, sys
+sys.path.insert(0, {tests!r})
+from test_train import build, fixed_batch, small_config
+from deq_jax.train import step as step_lib
+assert jax.device_count() == 4
+c = small_config(jr={{"prob": 1.0}})
+images, labels = fixed_batch(16)
+results = {{}}
+for n in (1, 4):
+    for mode in ("unrolled", "deq"):
+        _, _, state, train_step = build(c, mode=mode, devices=jax.devices()[:n])
+        for _ in range(2):
+            state, metrics = train_step(state, images, labels)
+        results[n, mode] = (jax.device_get(state.params), jax.device_get(metrics))
+for mode in ("unrolled", "deq"):
+    p1, m1 = results[1, mode]
+    p4, m4 = results[4, mode]
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    for k in m1:
+        np.testing.assert_allclose(m1[k], m4[k], rtol=1e-3, atol=1e-5, err_msg=k)
+try:
+    step_lib.check_batch(10, step_lib.make_mesh())
+except ValueError as e:
+    assert "not divisible by the 4 devices" in str(e), e
+else:
+    raise AssertionError("batch 10 on 4 devices did not fail")
+print("OK")
+"""
+
+
+def test_data_parallel_on_4_cpu_devices_matches_one_device():
+    code = MULTIDEVICE.format(tests=str(ROOT / "tests"))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+# --- resume -------------------------------------------------------------------------
+
+
+def _comparable(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_sigkilled_run_resumes_to_the_uninterrupted_metrics(tmp_path):
+    from deq_jax.train import train
+
+    c = small_config(train={"num_steps": 24})
+    reference = train(c, tmp_path / "reference", progress=False)
+    assert reference["steps"] == 24 and (tmp_path / "reference" / "plots" / "training.png").exists()
+
+    # Same run in a subprocess, killed with SIGKILL once a checkpoint exists.
+    run = tmp_path / "killed"
+    script = (
+        "import sys, json; sys.path.insert(0, {!r}); from deq_jax.train import train; "
+        "train(json.loads(sys.argv[1]), sys.argv[2], progress=False)"
+    ).format(str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(c), str(run)], cwd=ROOT)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(run.glob("ckpt_*.msgpack")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(int(p.stem.split("_")[1]) for p in run.glob("ckpt_*.msgpack"))
+    assert killed_at < 24
+
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(c, run, progress=False)
+    resumed = train(c, run, resume=True, progress=False)
+    assert resumed["steps"] == 24
+    ref_rows = metrics_lib.read(tmp_path / "reference" / "metrics.jsonl")
+    got_rows = metrics_lib.read(run / "metrics.jsonl")
+    assert _comparable(got_rows) == _comparable(ref_rows)
+    assert sorted(int(p.stem.split("_")[1]) for p in run.glob("ckpt_*.msgpack")) == [20, 24]  # keep 2
+
+    with pytest.raises(ValueError, match="different config"):
+        train(small_config(train={"num_steps": 24}, jr={"gamma": 1.0}), run, resume=True, progress=False)
