@@ -32,9 +32,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.0  # variational dropout inside the cell
 
     c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 64  # global batch, split over all devices
-    c.train.num_steps = 450
-    c.train.pretrain_steps = 250  # steps with the cell unrolled, before DEQ mode
+    c.train.batch_size = 32  # global batch, split over all devices
+    c.train.num_steps = 500
+    c.train.pretrain_steps = 150  # steps with the cell unrolled, before DEQ mode
     c.train.pretrain_layers = 4  # k weight-tied layers while pretraining
     c.train.log_every = 10
     c.train.eval_every = 250
@@ -58,7 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.backward.phantom_damping = 0.5
 
     c.jr = ml_collections.ConfigDict()
-    c.jr.gamma = 2.0  # weight of ||J_f(z*)||_F^2 / d in the loss; 0 disables JR
+    c.jr.gamma = 1.0  # weight of ||J_f(z*)||_F^2 / d in the loss; 0 disables JR
     c.jr.num_probes = 1
     c.jr.prob = 0.5  # probability of applying JR at a step
     c.jr.schedule = "constant"  # constant | staircase | adaptive
