@@ -176,7 +176,8 @@ def test_jr_gradient_reaches_the_cell_parameters():
     images, labels = fixed_batch()
     outs = []
     for gamma in (0.0, 2.0):
-        _, _, state, train_step = build(small_config(jr={"prob": 1.0, "gamma": gamma}), mode="unrolled")
+        c = small_config(jr={"prob": 1.0, "gamma": gamma}, optim={"name": "sgd", "warmup_steps": 0})
+        _, _, state, train_step = build(c, mode="unrolled")
         outs.append(train_step(state, images, labels)[0].params)
     diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), outs[0]["fuse"], outs[1]["fuse"])
     assert max(jax.tree.leaves(diff)) > 0
@@ -192,7 +193,7 @@ sys.path.insert(0, {tests!r})
 from test_train import build, fixed_batch, small_config
 from deq_jax.train import step as step_lib
 assert jax.device_count() == 4
-c = small_config(jr={{"prob": 1.0}})
+c = small_config(jr={{"prob": 1.0}}, backward={{"mode": "phantom", "phantom_steps": 2}})
 images, labels = fixed_batch(16)
 results = {{}}
 for n in (1, 4):
@@ -234,7 +235,7 @@ def _comparable(rows):
 def test_sigkilled_run_resumes_to_the_uninterrupted_metrics(tmp_path):
     from deq_jax.train import train
 
-    c = small_config(train={"num_steps": 24})
+    c = small_config(train={"num_steps": 24}, backward={"mode": "phantom", "phantom_steps": 2})
     reference = train(c, tmp_path / "reference", progress=False)
     assert reference["steps"] == 24 and (tmp_path / "reference" / "plots" / "training.png").exists()
 
@@ -264,4 +265,4 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_metrics(tmp_path):
     assert sorted(int(p.stem.split("_")[1]) for p in run.glob("ckpt_*.msgpack")) == [20, 24]  # keep 2
 
     with pytest.raises(ValueError, match="different config"):
-        train(small_config(train={"num_steps": 24}, jr={"gamma": 1.0}), run, resume=True, progress=False)
+        train(small_config(train={"num_steps": 24}, jr={"gamma": 3.0}), run, resume=True, progress=False)
