@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import chex
 import jax
 import jax.numpy as jnp
 import ml_collections

@@ -171,7 +171,7 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
             "lr": jnp.asarray(lr(state.step), jnp.float32),
             "jr_applied": apply_jr.astype(jnp.float32) * gamma_enabled,
             "step_limit": step_limit.astype(jnp.float32),
-            "grad_norm": optax.global_norm(grads).astype(jnp.float32),
+            "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
         }
         return TrainState(state.step + 1, params, opt_state, new_gamma), metrics
 
