@@ -19,7 +19,7 @@ import time
 _CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot --xla_cpu_copy_insertion_use_region_analysis=true"
 os.environ["XLA_FLAGS"] = f"{_CPU_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "digits.py")
@@ -38,6 +38,7 @@ def _default_workdir() -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # absl's INFO lines (e.g. "no TPU") are noise here
     config = FLAGS.config
     if config.multihost:
         import jax
