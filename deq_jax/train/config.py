@@ -37,7 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.pretrain_steps = 150  # steps with the cell unrolled, before DEQ mode
     c.train.pretrain_layers = 4  # k weight-tied layers while pretraining
     c.train.log_every = 10
-    c.train.eval_every = 250
+    c.train.eval_every = 100
     c.train.checkpoint_every = 50  # multiple of log_every (exact resume)
     c.train.keep_checkpoints = 3
 
