@@ -175,7 +175,7 @@ def test_jr_gradient_reaches_the_cell_parameters():
     x = model.apply({"params": params}, images, method="inject")
     z = model.apply({"params": params}, x, model.apply({"params": params}, x, method="initial_state"), method="cell")
     keys = jax.random.split(jax.random.key(1), 4)
-    grads = jax.grad(lambda p: jnp.mean(objective.jacobian_penalty(model, p, x, z, keys, 1)))(params)
+    grads = jax.jit(jax.grad(lambda p: jnp.mean(objective.jacobian_penalty(model, p, x, z, keys, 1))))(params)
     norms = {name: float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(sub)))) for name, sub in grads.items()}
     for cell_part in ("blocks_0", "blocks_1", "fuse"):
         assert norms[cell_part] > 0, norms
