@@ -1,0 +1,140 @@
+"""Weight-tied DEQ-Transformer language model (Bai et al. 2019/2021) in Flax Linen.
+
+Same four methods as :class:`deq_jax.models.MDEQ`, so ``deq_jax.train.objective``
+drives it unchanged:
+
+* :meth:`DEQTransformer.inject`: tokens ``[B, T]`` int -> ``x = {"injection": [B, T, D],
+  "masks": [B, 1, F]}`` (the input injection, added inside every cell application, and the
+  variational-dropout mask of the feed-forward hidden layer, fixed across solver steps);
+* :meth:`DEQTransformer.initial_state`: ``x`` -> zeros ``[B, T, D]``;
+* :meth:`DEQTransformer.cell`: one weight-tied Transformer block on ``z + injection``:
+  causal multi-head self-attention and a feed-forward layer, pre-LN or post-LN;
+* :meth:`DEQTransformer.head`: LayerNorm, then the tied (embedding transpose) or untied
+  output projection -> logits ``[B, T, vocab]``.
+
+Every cell application is causal (position t reads positions <= t only), so a unique
+fixed point is causal too; a solver whose updates mix positions (Broyden, Anderson: their
+inner products run over the whole sequence) returns it causally up to its tolerance. The
+pre-LN cell keeps z's own residual path (f(z) = z + u + attention + feed-forward), so it
+is not a contraction in general: its fixed points need not be unique, and a solver may
+reach different ones when later tokens change. The tests check causality on the post-LN
+cell, whose fixed point is unique at initialization.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class WNDense(nn.Module):
+    """Weight-normalized dense layer: ``w = g * v / ||v||`` per output unit, plus a bias."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        v = self.param("v", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        g = self.param("g", nn.initializers.ones, (self.features,))
+        b = self.param("b", nn.initializers.zeros, (self.features,))
+        w = v * (g / jnp.sqrt(jnp.sum(jnp.square(v), axis=0) + 1e-12))
+        return x @ w.astype(x.dtype) + b.astype(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where position t attends to positions <= t."""
+
+    num_heads: int
+
+    @nn.compact
+    def __call__(self, h: Array) -> Array:
+        b, t, d = h.shape
+        if d % self.num_heads:
+            raise ValueError(f"d_model={d} must be divisible by num_heads={self.num_heads}")
+        head = d // self.num_heads
+        qkv = WNDense(3 * d)(h).reshape(b, t, 3, self.num_heads, head)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head).astype(h.dtype)
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+        weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(h.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
+        return WNDense(d)(out)
+
+
+class DEQTransformer(nn.Module):
+    """Character- or word-level DEQ-Transformer LM (see module doc for the methods).
+
+    Attributes:
+      vocab_size: number of tokens.
+      d_model: width of the equilibrium state.
+      num_heads: attention heads.
+      d_ff: feed-forward hidden width.
+      pre_ln: pre-LayerNorm block if True, post-LayerNorm otherwise.
+      tie_embeddings: output projection is the embedding matrix transposed.
+      dropout: variational dropout rate on the feed-forward hidden layer.
+    """
+
+    vocab_size: int
+    d_model: int = 128
+    num_heads: int = 4
+    d_ff: int = 512
+    pre_ln: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+
+    def setup(self):
+        self.embed = nn.Embed(self.vocab_size, self.d_model)
+        self.inject_proj = nn.Dense(self.d_model)
+        self.attention = CausalSelfAttention(self.num_heads)
+        self.ff_in = WNDense(self.d_ff)
+        self.ff_out = WNDense(self.d_model)
+        self.norms = [nn.LayerNorm() for _ in range(2)]
+        self.final_norm = nn.LayerNorm()
+        if not self.tie_embeddings:
+            self.output = nn.Dense(self.vocab_size)
+
+    def inject(self, tokens: Array, dropout_keys: Array | None = None) -> dict[str, Any]:
+        """Tokens ``[B, T]`` -> ``{"injection": [B, T, d_model], "masks": [B, 1, d_ff]}``."""
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"DEQTransformer expects integer tokens [B, T], got {tokens.dtype} {tokens.shape}")
+        injection = self.inject_proj(self.embed(tokens))
+        shape = (1, self.d_ff)
+        if dropout_keys is not None and self.dropout > 0:
+            keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - self.dropout, shape))(dropout_keys)
+            masks = keep.astype(injection.dtype) / (1.0 - self.dropout)
+        else:
+            masks = jnp.ones((tokens.shape[0],) + shape, injection.dtype)
+        return {"injection": injection, "masks": masks}
+
+    def initial_state(self, x: dict[str, Any]) -> Array:
+        return jnp.zeros_like(x["injection"])
+
+    def _feed_forward(self, h: Array, mask: Array) -> Array:
+        return self.ff_out(nn.relu(self.ff_in(h)) * mask)
+
+    def cell(self, x: dict[str, Any], z: Array) -> Array:
+        """One causal Transformer block on ``z + injection``: ``[B, T, D] -> [B, T, D]``."""
+        h = z + x["injection"]
+        if self.pre_ln:
+            h = h + self.attention(self.norms[0](h))
+            return h + self._feed_forward(self.norms[1](h), x["masks"])
+        h = self.norms[0](h + self.attention(h))
+        return self.norms[1](h + self._feed_forward(h, x["masks"]))
+
+    def head(self, z: Array) -> Array:
+        """Equilibrium state ``[B, T, D]`` -> logits ``[B, T, vocab_size]``."""
+        h = self.final_norm(z)
+        if self.tie_embeddings:
+            return self.embed.attend(h)
+        return self.output(h)
+
+    def __call__(self, tokens: Array) -> Array:
+        """One cell application from z0 (used to initialize every parameter)."""
+        x = self.inject(tokens)
+        return self.head(self.cell(x, self.initial_state(x)))
