@@ -1,4 +1,5 @@
-"""Image classification data: the embedded digits default and CIFAR-10 through TFDS.
+"""Data: images (digits default, CIFAR-10 through TFDS) and text (pydoc default,
+tiny_shakespeare through TFDS, WikiText-103 token files; see ``deq_jax.data.text``).
 
     dataset = deq_jax.data.load("digits", seed=0)
     images, labels = deq_jax.data.train_batch(dataset, step, batch_size, seed)
@@ -10,5 +11,18 @@ batches the uninterrupted run would have seen.
 from deq_jax.data.cifar10 import load_cifar10
 from deq_jax.data.digits import load_digits
 from deq_jax.data.pipeline import Dataset, eval_batches, load, train_batch
+from deq_jax.data.text import TextDataset, load_pydoc, load_tiny_shakespeare, load_wikitext103, stream_batch
 
-__all__ = ["Dataset", "eval_batches", "load", "load_cifar10", "load_digits", "train_batch"]
+__all__ = [
+    "Dataset",
+    "TextDataset",
+    "eval_batches",
+    "load",
+    "load_cifar10",
+    "load_digits",
+    "load_pydoc",
+    "load_tiny_shakespeare",
+    "load_wikitext103",
+    "stream_batch",
+    "train_batch",
+]
