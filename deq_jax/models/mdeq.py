@@ -54,6 +54,8 @@ class MDEQSize:
     stem_stride: int = 1
 
     def __post_init__(self):
+        if any(c <= 0 for c in self.channels):
+            raise ValueError(f"channels must be positive, got {self.channels}")
         if len(self.channels) < 1 or len(self.head_channels) != len(self.channels):
             raise ValueError(f"need one head width per branch, got {self.channels} and {self.head_channels}")
         widths = list(self.channels) + [c * self.expand for c in self.channels]
@@ -174,8 +176,6 @@ class MDEQ(nn.Module):
 
     def setup(self):
         s = get_size(self.size)
-        if any(c <= 0 for c in s.channels):
-            raise ValueError(f"channels must be positive, got {s.channels}")
         self.spec = s
         self.stem_convs = [
             nn.Conv(s.channels[0], (3, 3), strides=s.stem_stride, use_bias=False),
