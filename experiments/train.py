@@ -3,6 +3,7 @@
     python -m experiments.train                                  # digits default, with JR
     python -m experiments.train --config=experiments/configs/cifar_tiny.py \
         --config.data.data_dir=~/tensorflow_datasets --workdir=runs/cifar_tiny
+    python -m experiments.train --config=experiments/configs/lm_pydoc.py  # DEQ-Transformer, text
     python -m experiments.train --workdir=runs/digits --resume  # continue a run
 
 Unknown ``--config.*`` keys are errors. Prints where the run folder and plots are.
@@ -46,6 +47,7 @@ def main(argv):
         jax.distributed.initialize()
 
     from deq_jax.train import train
+    from deq_jax.train.loop import describe
 
     if FLAGS.resume and not FLAGS.workdir:
         raise app.UsageError("--resume needs --workdir, the run folder to continue")
@@ -53,11 +55,7 @@ def main(argv):
     summary = train(config, workdir, resume=FLAGS.resume, progress=FLAGS.progress)
     print(f"\nrun folder: {summary['run_dir']}")
     print(f"plots:      {', '.join(summary.get('plots', []))}")
-    print(
-        f"test accuracy {summary['test_accuracy']:.4f} | forward steps at limit {summary['fwd_steps_at_limit']:.2f}, "
-        f"to tol {summary['fwd_steps_to_tol']:.2f} | residual {summary['residual_at_limit']:.2e} | "
-        f"||J||_F^2/d {summary['jacobian_frobenius_sq_per_dim']:.3e} | train time {summary['train_time_s']:.0f} s"
-    )
+    print(describe(summary))
 
 
 if __name__ == "__main__":

@@ -30,14 +30,15 @@ def test_shapes(pre_ln, tie):
     assert ("output" in params) != tie
 
 
+@pytest.mark.parametrize("pre_ln", [False, True])
 @pytest.mark.parametrize("name", ["fixed_point_iteration", "anderson"])
-def test_causal_at_the_fixed_point(name):
+def test_causal_at_the_fixed_point(name, pre_ln):
     """Changing the last tokens leaves the logits of earlier positions unchanged.
 
-    The post-LN cell at this initialization is a contraction (plain iteration converges),
-    so its fixed point is unique; solved to tol 1e-6 by a causal iteration or by Anderson
+    Both cells at this initialization are contractions (plain iteration converges), so
+    the fixed point is unique; solved to tol 1e-6 by a causal iteration or by Anderson
     (whose updates mix positions), the earlier positions must agree to that tolerance."""
-    model, params, tokens = make(pre_ln=False)
+    model, params, tokens = make(pre_ln=pre_ln)
     changed = tokens.at[:, -3:].set((tokens[:, -3:] + 5) % V)
     solver = deq_jax.SolverConfig(name, max_steps=200, tol=1e-6)
     run = jax.jit(lambda t: objective.forward(model, params, t, mode="deq", config=solver))

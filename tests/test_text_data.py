@@ -59,3 +59,34 @@ def test_stream_batches_are_contiguous_next_token_windows():
     np.testing.assert_array_equal(x5, x0)  # 5 windows per stream, then it cycles
     with pytest.raises(ValueError, match="too few"):
         text.stream_batch(tokens, 0, batch_size=50, seq_len=5)
+
+
+@pytest.mark.parametrize("n, batch, seq_len", [(103, 4, 5), (50, 8, 16), (7, 4, 3)])
+def test_eval_windows_score_every_prediction_exactly_once(n, batch, seq_len):
+    tokens = np.arange(n, dtype=np.int32) * 3  # distinct tokens: a pair identifies a position
+    seen = []
+    for inputs, targets, weights in text.eval_windows(tokens, batch, seq_len):
+        assert inputs.shape == targets.shape == weights.shape == (batch, seq_len)
+        real = weights > 0
+        np.testing.assert_array_equal(targets[real], inputs[real] + 3)  # next tokens
+        seen.extend(inputs[real] // 3)
+        # Within a row, real positions form one contiguous run from the window's start.
+        for row in real:
+            assert not np.any(row[1:] & ~row[:-1])
+    np.testing.assert_array_equal(np.sort(seen), np.arange(n - 1))
+
+
+def test_unigram_baseline_is_the_smoothed_training_frequency_cross_entropy():
+    ds = text.TextDataset("toy", "char", ("a", "b", "c"), train=np.array([0, 0, 0, 1], np.int32),
+                          valid=np.array([0, 2], np.int32), test=np.array([1], np.int32))
+    p = np.array([4, 2, 1]) / 7  # counts + 1
+    expected = -(np.log2(p[0]) + np.log2(p[2])) / 2
+    assert text.unigram_bits(ds, "valid") == pytest.approx(expected)
+
+
+def test_load_text_names_and_missing_wikitext_folder():
+    assert text.load_text("pydoc").name == "pydoc"
+    with pytest.raises(FileNotFoundError, match="data.data_dir"):
+        text.load_text("wikitext103", None)
+    with pytest.raises(ValueError, match="unknown text data set"):
+        text.load_text("ptb")

@@ -47,7 +47,7 @@ def build(c, mode="deq", devices=None):
     mesh = step_lib.make_mesh(devices)
     model = MDEQ(c.model.size, dropout=c.model.dropout)
     tx, lr = make_optimizer(c)
-    state = step_lib.init_state(model, c, tx, (8, 8, 1), mesh)
+    state = step_lib.init_state(model, c, tx, np.zeros((1, 8, 8, 1), np.float32), mesh)
     return c, model, state, step_lib.make_train_step(model, c, tx, lr, mesh, mode)
 
 

@@ -11,18 +11,30 @@ batches the uninterrupted run would have seen.
 from deq_jax.data.cifar10 import load_cifar10
 from deq_jax.data.digits import load_digits
 from deq_jax.data.pipeline import Dataset, eval_batches, load, train_batch
-from deq_jax.data.text import TextDataset, load_pydoc, load_tiny_shakespeare, load_wikitext103, stream_batch
+from deq_jax.data.text import (
+    TextDataset,
+    eval_windows,
+    load_pydoc,
+    load_text,
+    load_tiny_shakespeare,
+    load_wikitext103,
+    stream_batch,
+    unigram_bits,
+)
 
 __all__ = [
     "Dataset",
     "TextDataset",
     "eval_batches",
+    "eval_windows",
     "load",
     "load_cifar10",
     "load_digits",
     "load_pydoc",
+    "load_text",
     "load_tiny_shakespeare",
     "load_wikitext103",
     "stream_batch",
     "train_batch",
+    "unigram_bits",
 ]

@@ -7,6 +7,8 @@ from typing import Iterator
 
 import numpy as np
 
+IMAGE_DATA = ("digits", "cifar10")
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
@@ -113,4 +115,4 @@ def load(name: str, *, seed: int = 0, data_dir: str | None = None) -> Dataset:
         return load_digits(seed=seed)
     if name == "cifar10":
         return load_cifar10(data_dir=data_dir)
-    raise ValueError(f"unknown data set {name!r}; choose 'digits' or 'cifar10'")
+    raise ValueError(f"unknown image data set {name!r}; choose one of {IMAGE_DATA}")

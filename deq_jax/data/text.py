@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+TEXT_DATA = ("pydoc", "tiny_shakespeare", "wikitext103")
 SPLITS = ("train", "valid", "test")
 # The pydoc corpus is split by position: the first 90% train, then 5% valid, 5% test.
 PYDOC_FRACTIONS = (0.9, 0.05, 0.05)
@@ -150,3 +151,52 @@ def stream_batch(tokens: np.ndarray, step: int, batch_size: int, seq_len: int) -
     start = (step % windows) * seq_len
     rows = np.arange(batch_size)[:, None] * per_stream + start + np.arange(seq_len)[None, :]
     return tokens[rows], tokens[rows + 1]
+
+
+def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int):
+    """Every next-token prediction of a stream exactly once: ``(inputs, targets, weights)``,
+    each ``[B, T]``.
+
+    The ``N - 1`` predictions are cut into B contiguous parts of ``ceil((N - 1) / B)``,
+    served in length-T windows; positions past a part's end are padding with weight 0
+    (so every batch has one shape). Each window is scored on its own: a prediction sees
+    the preceding tokens of its window only (no memory across windows).
+    """
+    targets_n = len(tokens) - 1
+    if targets_n < 1:
+        raise ValueError(f"a stream of {len(tokens)} tokens has nothing to predict")
+    per_part = -(-targets_n // batch_size)
+    windows = -(-per_part // seq_len)
+    pos = np.arange(batch_size)[:, None] * per_part + np.arange(windows * seq_len)[None, :]  # [B, W T]
+    part_end = np.minimum((np.arange(batch_size)[:, None] + 1) * per_part, targets_n)
+    valid = pos < part_end
+    pos = np.where(valid, pos, 0)
+    for w in range(windows):
+        cols = slice(w * seq_len, (w + 1) * seq_len)
+        p = pos[:, cols]
+        yield tokens[p], tokens[p + 1], valid[:, cols].astype(np.float32)
+
+
+def unigram_bits(dataset: TextDataset, split: str = "valid") -> float:
+    """Bits per token of ``split`` under the training set's token frequencies (add-one
+    smoothed): the baseline a language model must beat."""
+    counts = np.bincount(dataset.train, minlength=dataset.vocab_size).astype(np.float64) + 1.0
+    log_p = np.log2(counts / counts.sum())
+    return float(-np.mean(log_p[getattr(dataset, split)]))
+
+
+def load_text(name: str, data_dir: str | None = None) -> TextDataset:
+    """Loads ``"pydoc"`` (embedded), ``"tiny_shakespeare"`` (TFDS, prepared in ``data_dir``)
+    or ``"wikitext103"`` (token files in the folder ``data_dir``)."""
+    if name == "pydoc":
+        return load_pydoc()
+    if name == "tiny_shakespeare":
+        return load_tiny_shakespeare(data_dir)
+    if name == "wikitext103":
+        if not data_dir:
+            raise FileNotFoundError(
+                "wikitext103 needs data.data_dir: the folder holding wiki.{train,valid,test}.tokens "
+                "(unzipped wikitext-103-v1.zip), e.g. --config.data.data_dir=~/data/wikitext-103"
+            )
+        return load_wikitext103(data_dir)
+    raise ValueError(f"unknown text data set {name!r}; choose one of {TEXT_DATA}")

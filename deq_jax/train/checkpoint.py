@@ -46,15 +46,29 @@ def save(run_dir: str | os.PathLike, step: int, state, keep: int) -> Path:
     return path
 
 
+def _read(run_dir: str | os.PathLike, step: int | None) -> tuple[bytes, int]:
+    available = steps(run_dir)
+    if not available:
+        raise FileNotFoundError(f"no checkpoint (ckpt_*.msgpack) in {run_dir}")
+    step = available[-1] if step is None else step
+    if step not in available:
+        raise FileNotFoundError(f"no checkpoint of step {step} in {run_dir}; it has steps {available}")
+    with open(_path(Path(run_dir), step), "rb") as fh:
+        return fh.read(), step
+
+
 def restore(run_dir: str | os.PathLike, template, step: int | None = None):
     """``(state, step)`` from the newest checkpoint (or ``step``), shaped like ``template``.
 
     Raises ``FileNotFoundError`` if there is none.
     """
-    available = steps(run_dir)
-    if not available:
-        raise FileNotFoundError(f"no checkpoint (ckpt_*.msgpack) in {run_dir}")
-    step = available[-1] if step is None else step
-    with open(_path(Path(run_dir), step), "rb") as fh:
-        state = flax.serialization.from_bytes(jax.device_get(template), fh.read())
-    return state, step
+    data, step = _read(run_dir, step)
+    return flax.serialization.from_bytes(jax.device_get(template), data), step
+
+
+def restore_params(run_dir: str | os.PathLike, template, step: int | None = None):
+    """``(params, step)``: only the parameters of a saved train state, shaped like
+    ``template`` (arrays or ``jax.ShapeDtypeStruct``; no optimizer state needed)."""
+    data, step = _read(run_dir, step)
+    saved = flax.serialization.msgpack_restore(data)
+    return flax.serialization.from_state_dict(template, saved["params"]), step

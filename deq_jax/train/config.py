@@ -12,6 +12,8 @@ import difflib
 import ml_collections
 
 from deq_jax import solvers
+from deq_jax.data.pipeline import IMAGE_DATA
+from deq_jax.data.text import TEXT_DATA
 
 SCHEDULES = ("constant", "staircase", "adaptive")
 BACKWARD_MODES = ("implicit", "phantom")
@@ -24,18 +26,26 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "digits"  # "digits" (embedded) or "cifar10" (TFDS, prepared)
-    c.data.data_dir = ""  # TFDS data_dir; "" = TFDS default (~/tensorflow_datasets)
+    # Images (MDEQ): "digits" (embedded), "cifar10" (TFDS, prepared).
+    # Text (DEQ-Transformer): "pydoc" (embedded), "tiny_shakespeare" (TFDS), "wikitext103" (files).
+    c.data.name = "digits"
+    c.data.data_dir = ""  # TFDS data_dir ("" = ~/tensorflow_datasets); the folder of the WikiText-103 files
 
     c.model = ml_collections.ConfigDict()
-    c.model.size = "digits"  # deq_jax.models.SIZES: digits, tiny, cifar
-    c.model.dropout = 0.0  # variational dropout inside the cell
+    c.model.dropout = 0.0  # variational dropout inside the cell (mask fixed across solver steps)
+    c.model.size = "digits"  # MDEQ: deq_jax.models.SIZES (digits, tiny, cifar)
+    c.model.d_model = 128  # DEQ-Transformer: state width
+    c.model.num_heads = 4  # DEQ-Transformer: attention heads (divide d_model)
+    c.model.d_ff = 512  # DEQ-Transformer: feed-forward hidden width
+    c.model.pre_ln = False  # DEQ-Transformer: pre-LN block (post-LN: unique fixed point at init)
+    c.model.tie_embeddings = True  # DEQ-Transformer: output projection = embedding transpose
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 32  # global batch, split over all devices
     c.train.num_steps = 500
     c.train.pretrain_steps = 150  # steps with the cell unrolled, before DEQ mode
     c.train.pretrain_layers = 4  # k weight-tied layers while pretraining
+    c.train.seq_len = 64  # text: tokens per window (train and eval)
     c.train.log_every = 10
     c.train.eval_every = 100
     c.train.checkpoint_every = 50  # multiple of log_every (exact resume)
@@ -83,7 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.clip_norm = 1.0  # global-norm gradient clipping; 0 disables
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.batch_size = 200
+    c.eval.batch_size = 200  # images per eval batch; text: streams (windows of train.seq_len)
     c.eval.max_steps = 30  # generous limit for "steps needed to reach tol"
     c.eval.budgets = "all"  # "all" = 1..forward.max_steps, or "1,2,4,8"
     c.eval.jac_probes = 4
@@ -136,7 +146,20 @@ def _require(condition: bool, message: str):
 
 def validate(c: ml_collections.ConfigDict) -> None:
     """Value checks that would otherwise fail late (or silently) in training."""
+    _require(
+        c.data.name in IMAGE_DATA + TEXT_DATA,
+        f"data.name must be one of {IMAGE_DATA + TEXT_DATA}, got {c.data.name!r}",
+    )
+    m = c.model
+    _require(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+    if c.data.name in TEXT_DATA:
+        _require(min(m.d_model, m.num_heads, m.d_ff) >= 1, "model.d_model, num_heads and d_ff must be >= 1")
+        _require(
+            m.d_model % m.num_heads == 0 and (m.d_model // m.num_heads) % 2 == 0,
+            f"model.d_model ({m.d_model}) must split into num_heads ({m.num_heads}) heads of even width (rotary)",
+        )
     t = c.train
+    _require(t.seq_len >= 1, f"train.seq_len must be >= 1, got {t.seq_len}")
     _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     _require(t.num_steps >= 1, f"train.num_steps must be >= 1, got {t.num_steps}")
     _require(0 <= t.pretrain_steps <= t.num_steps, "train.pretrain_steps must be in [0, train.num_steps]")

@@ -22,12 +22,11 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deq_jax import data as data_lib
-from deq_jax.models import MDEQ
 from deq_jax.train import checkpoint, plots, step as step_lib
 from deq_jax.train.config import budgets, resolve
 from deq_jax.train.metrics import MetricsWriter, read
 from deq_jax.train.optim import make_optimizer
+from deq_jax.train.tasks import Task, make_task
 
 TIMING_KEYS = ("step_time", "examples_per_s", "train_time_s")
 
@@ -68,47 +67,62 @@ def _flat_diff(a, b, prefix=""):
             yield f"{prefix}{key}: {va!r} -> {vb!r}"
 
 
-def evaluate(eval_fns, params, dataset, c, mesh, step: int, final: bool) -> list[dict]:
-    """Test-set rows: ``eval`` (trained step limit, with Jacobian norm and steps to tol at
-    ``eval.max_steps``) and, if ``final``, one ``budget`` row per forward step budget."""
+def evaluate(eval_fns, params, task: Task, c, mesh, step: int, final: bool) -> list[dict]:
+    """Evaluation rows on the task's first split: ``eval`` (trained step limit, with the
+    Jacobian norm, and steps to tol at ``eval.max_steps``) and, if ``final``, one
+    ``budget`` row per forward step budget plus a ``final`` row per other split."""
     data_sharding = NamedSharding(mesh, P(step_lib.DATA))
-    batches = [
-        tuple(_global_array(a, data_sharding) for a in batch)
-        for batch in data_lib.eval_batches(dataset, c.eval.batch_size)
-    ]
 
-    def run(fn, limit):
+    def load(split):
+        return [tuple(_global_array(a, data_sharding) for a in batch) for batch in task.eval_sets[split]()]
+
+    def run(fn, limit, batches):
         totals = {}
-        for images, labels, weights in batches:
-            sums = fn(params, np.int32(limit), images, labels, weights)
+        for inputs, targets, weights in batches:
+            sums = fn(params, np.int32(limit), inputs, targets, weights)
             for k, v in jax.device_get(sums).items():
                 totals[k] = totals.get(k, 0.0) + float(v)
-        n = totals.pop("count")
+        n, m = totals.pop("count"), totals.pop("examples")
+        loss = totals["loss"] / n
         return {
             "accuracy": totals["correct"] / n,
-            "loss": totals["loss"] / n,
-            "steps": totals["steps"] / n,
-            "converged": totals["converged"] / n,
-            "residual": totals["residual"] / n,
-            **({"jac": totals["jac"] / n} if "jac" in totals else {}),
+            "loss": loss,
+            **task.derived(loss),
+            "steps": totals["steps"] / m,
+            "converged": totals["converged"] / m,
+            "residual": totals["residual"] / m,
+            **({"jac": totals["jac"] / m} if "jac" in totals else {}),
         }
 
-    at_limit = run(eval_fns["jac"], c.forward.max_steps)
-    generous = run(eval_fns["plain"], c.eval.max_steps)
+    split = task.eval_split
+    batches = load(split)
+    at_limit = run(eval_fns["jac"], c.forward.max_steps, batches)
+    generous = run(eval_fns["plain"], c.eval.max_steps, batches)
     rows = [
         {
             "step": step,
             "kind": "eval",
+            "split": split,
             **at_limit,
             "steps_to_tol": generous["steps"],
             "converged_to_tol": generous["converged"],
             "accuracy_to_tol": generous["accuracy"],
+            "loss_to_tol": generous["loss"],
         }
     ]
     if final:
         for b in budgets(c):
-            rows.append({"step": step, "kind": "budget", "budget": b, **run(eval_fns["plain"], b)})
+            rows.append({"step": step, "kind": "budget", "split": split, "budget": b,
+                         **run(eval_fns["plain"], b, batches)})
+        for other in list(task.eval_sets)[1:]:
+            rows.append({"step": step, "kind": "final", "split": other,
+                         **run(eval_fns["plain"], c.forward.max_steps, load(other))})
     return rows
+
+
+def _quality(row: dict, task: Task) -> str:
+    key = task.main_metric
+    return f"{key} {row[key]:.4f}" if key == "accuracy" else f"{key} {row[key]:.3f}"
 
 
 def _mean_rows(history: list[dict]) -> dict:
@@ -121,7 +135,8 @@ def _mean_rows(history: list[dict]) -> dict:
 
 
 def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> dict:
-    """Trains an MDEQ as ``config`` says, writing the run folder ``run_dir``.
+    """Trains a DEQ as ``config`` says (an MDEQ on images or a DEQ-Transformer on text,
+    by ``data.name``), writing the run folder ``run_dir``.
 
     Args:
       config: a ConfigDict/dict of overrides of :func:`deq_jax.train.config.default_config`.
@@ -140,15 +155,13 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
     if lead:
         _prepare_run_dir(run_dir, c, resume)
 
-    dataset = data_lib.load(c.data.name, seed=c.seed, data_dir=c.data.data_dir or None)
     mesh = step_lib.make_mesh()
     step_lib.check_batch(c.train.batch_size, mesh)
     step_lib.check_batch(c.eval.batch_size, mesh, "eval.batch_size")
-    data_lib.pipeline.steps_per_epoch(dataset, c.train.batch_size)
-
-    model = MDEQ(c.model.size, num_classes=dataset.num_classes, dropout=c.model.dropout)
+    task = make_task(c)
+    model = task.model
     tx, lr = make_optimizer(c)
-    state = step_lib.init_state(model, c, tx, dataset.image_shape, mesh)
+    state = step_lib.init_state(model, c, tx, task.sample_input, mesh)
     writer = MetricsWriter(run_dir / "metrics.jsonl")
     start, train_time = 0, 0.0
     if resume and checkpoint.steps(run_dir):
@@ -171,21 +184,22 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
         total=c.train.num_steps,
         initial=start,
         disable=not (progress and lead),
-        desc=f"train {c.data.name}/{c.model.size}",
+        desc=f"train {c.data.name}",
         dynamic_ncols=True,
     )
     history, tick = [], time.perf_counter()
     for s in range(start, c.train.num_steps):
-        images, labels = data_lib.train_batch(dataset, s, c.train.batch_size, c.seed)
+        inputs, targets = task.train_batch(s)
         mode = "unrolled" if s < c.train.pretrain_steps else "deq"
         state, metrics = steps[mode](
-            state, _global_array(images, data_sharding), _global_array(labels, data_sharding)
+            state, _global_array(inputs, data_sharding), _global_array(targets, data_sharding)
         )
         history.append(metrics)
         bar.update(1)
         done_steps = s + 1
         if done_steps % c.train.log_every == 0 or done_steps == c.train.num_steps:
             row = _mean_rows(jax.device_get(history))
+            row |= task.derived(row["loss"])
             elapsed = time.perf_counter() - tick
             train_time += elapsed
             row |= {
@@ -197,7 +211,7 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
                 writer.write({"step": done_steps, "kind": "train", "mode": mode, **row})
             bar.set_postfix(
                 loss=f"{row['loss']:.3f}",
-                acc=f"{row['accuracy']:.3f}",
+                **{task.main_metric[:4]: f"{row[task.main_metric]:.3f}"},
                 fwd=f"{row['fwd_steps']:.1f}",
                 res=f"{row['fwd_residual']:.1e}",
                 jr=f"{row['jr']:.2e}",
@@ -212,12 +226,12 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
         final = done_steps == c.train.num_steps
         if done_steps % c.train.eval_every == 0 or final:
             t0 = time.perf_counter()
-            rows = evaluate(eval_fns, state.params, dataset, c, mesh, done_steps, final)
+            rows = evaluate(eval_fns, state.params, task, c, mesh, done_steps, final)
             if lead:
                 for row in rows:
                     writer.write(row)
                 bar.write(
-                    f"step {done_steps}: test acc {rows[0]['accuracy']:.4f} | fwd steps {rows[0]['steps']:.2f} "
+                    f"step {done_steps}: {task.eval_split} {_quality(rows[0], task)} | fwd steps {rows[0]['steps']:.2f} "
                     f"(to tol {rows[0]['steps_to_tol']:.2f}) | rel residual {rows[0]['residual']:.2e} | "
                     f"||J||_F^2/d {rows[0]['jac']:.3e}"
                 )
@@ -225,28 +239,54 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
         if lead and (done_steps % c.train.checkpoint_every == 0 or final):
             checkpoint.save(run_dir, done_steps, state, c.train.keep_checkpoints)
     bar.close()
-    return _finish(run_dir, lead)
+    return _finish(run_dir, lead, task)
 
 
-def _finish(run_dir: Path, lead: bool) -> dict:
+QUALITY_KEYS = ("accuracy", "loss", "perplexity", "bpc")
+
+
+def _finish(run_dir: Path, lead: bool, task: Task) -> dict:
     rows = read(run_dir / "metrics.jsonl")
     last_step = max(r["step"] for r in rows)
     final = next(r for r in rows if r["kind"] == "eval" and r["step"] == last_step)
     train_rows = [r for r in rows if r["kind"] == "train"]
+    split = final["split"]
     summary = {
         "run_dir": str(run_dir),
+        "data": task.name,
         "steps": last_step,
-        "test_accuracy": final["accuracy"],
+        "eval_split": split,
+        "main_metric": task.main_metric,
+        **{f"{split}_{k}": final[k] for k in QUALITY_KEYS if k in final},
+        **{f"{r['split']}_{k}": r[k] for r in rows if r["kind"] == "final" and r["step"] == last_step
+           for k in QUALITY_KEYS if k in r},
+        **task.baselines,
         "fwd_steps_at_limit": final["steps"],
         "fwd_steps_to_tol": final["steps_to_tol"],
         "converged_to_tol": final["converged_to_tol"],
         "residual_at_limit": final["residual"],
         "jacobian_frobenius_sq_per_dim": final["jac"],
         "train_time_s": train_rows[-1]["train_time_s"],
-        "budgets": {r["budget"]: {"accuracy": r["accuracy"], "residual": r["residual"]} for r in rows
-                    if r["kind"] == "budget" and r["step"] == last_step},
+        "budgets": {
+            r["budget"]: {k: r[k] for k in QUALITY_KEYS + ("residual",) if k in r}
+            for r in rows if r["kind"] == "budget" and r["step"] == last_step
+        },
     }
     if lead:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         summary["plots"] = [str(p) for p in plots.plot_runs([run_dir], run_dir / "plots")]
     return summary
+
+
+def describe(summary: dict) -> str:
+    """One line: the main metric (and its baseline), solver steps, residual, Jacobian norm, time."""
+    key, split = summary["main_metric"], summary["eval_split"]
+    quality = f"{split} {key} {summary[f'{split}_{key}']:.4g}"
+    baseline = {"bpc": "unigram_bpc", "perplexity": "unigram_perplexity"}.get(key)
+    if baseline in summary:
+        quality += f" (unigram {summary[baseline]:.4g})"
+    return (
+        f"{quality} | forward steps at limit {summary['fwd_steps_at_limit']:.2f}, "
+        f"to tol {summary['fwd_steps_to_tol']:.2f} | residual {summary['residual_at_limit']:.2e} | "
+        f"||J||_F^2/d {summary['jacobian_frobenius_sq_per_dim']:.3e} | train time {summary['train_time_s']:.0f} s"
+    )

@@ -95,5 +95,5 @@ def jacobian_penalty(model, params, x, z, keys: Array, num_probes: int) -> Array
 
 
 def cross_entropy(logits: Array, labels: Array) -> Array:
-    """``[B]`` softmax cross-entropy with integer labels, in float32."""
+    """Softmax cross-entropy in float32, shaped like ``labels`` (``[B]`` or ``[B, T]``)."""
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)

@@ -1,6 +1,6 @@
 """Pure, jitted training and evaluation steps, data parallel over a ``data`` mesh axis.
 
-``train_step(state, images, labels) -> (state, metrics)`` is one compiled function per
+``train_step(state, inputs, targets) -> (state, metrics)`` is one compiled function per
 mode (pretraining: cell unrolled; DEQ: fixed point). Inside, ``shard_map`` gives every
 device its shard of the batch and its own solver loop (a slow shard never makes the
 others iterate), gradients and metrics are averaged with ``pmean`` over ``data``, and
@@ -68,11 +68,12 @@ def _mean(x):
 
 
 def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: Callable, mesh: Mesh, mode: str):
-    """The jitted ``train_step(state, images, labels) -> (state, metrics)`` of one mode.
+    """The jitted ``train_step(state, inputs, targets) -> (state, metrics)`` of one mode.
 
-    ``mode``: ``"deq"`` or ``"unrolled"`` (pretraining). ``images``/``labels`` are the
-    global batch, sharded (or shardable) along ``data``. ``metrics`` is a dict of
-    float32 scalars: loss (task), accuracy, jr (NaN when not applied), gamma, lr,
+    ``mode``: ``"deq"`` or ``"unrolled"`` (pretraining). ``inputs``/``targets`` are the
+    global batch (images ``[B, H, W, C]`` and labels ``[B]``, or tokens ``[B, T]`` and
+    next tokens ``[B, T]``), sharded (or shardable) along ``data``. ``metrics`` is a dict
+    of float32 scalars: loss (task, mean over targets), accuracy, jr (NaN when not applied), gamma, lr,
     jr_applied, step_limit, fwd_steps, fwd_residual, fwd_converged, bwd_steps,
     bwd_residual (solver ones NaN in pretraining).
     """
@@ -82,15 +83,15 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
     gamma_enabled = c.jr.gamma > 0 or c.jr.schedule != "constant"
     nan = jnp.float32(jnp.nan)
 
-    def local(params, gamma, apply_jr, step_limit, images, labels, keys):
-        batch = images.shape[0]
+    def local(params, gamma, apply_jr, step_limit, inputs, targets, keys):
+        batch = inputs.shape[0]
         probe = deq.BackwardStats.zeros(batch) if (mode == "deq" and implicit) else None
 
         def loss_fn(params, probe):
             out = objective.forward(
                 model,
                 params,
-                images,
+                inputs,
                 mode=mode,
                 config=setup.forward,
                 backward=setup.backward,
@@ -99,7 +100,7 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
                 probe=probe,
                 dropout_keys=keys,
             )
-            task = jnp.mean(objective.cross_entropy(out.logits, labels))
+            task = jnp.mean(objective.cross_entropy(out.logits, targets))
             if gamma_enabled:
                 jr_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
                 jr = jax.lax.cond(
@@ -116,7 +117,7 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
             params, probe
         )
         grads = jax.lax.pmean(grads, DATA)
-        accuracy = jnp.mean((jnp.argmax(out.logits, -1) == labels).astype(jnp.float32))
+        accuracy = jnp.mean((jnp.argmax(out.logits, -1) == targets).astype(jnp.float32))
         metrics = {
             "loss": _mean(task),
             "accuracy": _mean(accuracy),
@@ -149,14 +150,14 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
         check_vma=False,
     )
 
-    def train_step(state: TrainState, images: Array, labels: Array):
+    def train_step(state: TrainState, inputs: Array, targets: Array):
         apply_jr, step_limit, keys = step_randomness(
-            c.seed, state.step, images.shape[0], c.jr.prob, c.forward.max_steps, c.forward.random_lower
+            c.seed, state.step, inputs.shape[0], c.jr.prob, c.forward.max_steps, c.forward.random_lower
         )
         if mode != "deq":
             step_limit = jnp.int32(c.forward.max_steps)
         gamma = state.gamma.gamma
-        grads, metrics = sharded_local(state.params, gamma, apply_jr, step_limit, images, labels, keys)
+        grads, metrics = sharded_local(state.params, gamma, apply_jr, step_limit, inputs, targets, keys)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_gamma = schedule.update(
@@ -186,29 +187,33 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
 
 
 def make_eval_step(model: nn.Module, c, mesh: Mesh, with_jacobian: bool):
-    """Jitted ``eval_step(params, images, labels, weights, step_limit) -> sums``.
+    """Jitted ``eval_step(params, step_limit, inputs, targets, weights) -> sums``.
 
     Runs the forward solve with ``eval.max_steps`` lowered to ``step_limit`` (traced:
-    one compilation for every budget) and returns weighted sums over the batch:
-    ``count, correct, loss, steps, converged, residual`` (+ ``jac`` if ``with_jacobian``:
-    Hutchinson ``||J_f(z*)||_F^2 / d`` with ``eval.jac_probes`` probes).
+    one compilation for every budget). ``weights`` has the targets' shape (``[B]`` for
+    images, ``[B, T]`` for text; 0 marks padding). Returns float32 sums over the batch:
+    per target ``count, correct, loss``; per example (one holding any real target)
+    ``examples, steps, converged, residual`` (+ ``jac`` if ``with_jacobian``: Hutchinson
+    ``||J_f(z*)||_F^2 / d`` with ``eval.jac_probes`` probes).
     """
     setup = objective.solvers_from_config(c)
 
-    def local(params, step_limit, images, labels, weights):
-        out = objective.forward(model, params, images, mode="deq", config=setup.eval_forward, step_limit=step_limit)
+    def local(params, step_limit, inputs, targets, weights):
+        out = objective.forward(model, params, inputs, mode="deq", config=setup.eval_forward, step_limit=step_limit)
         r = out.result
+        example = (weights.reshape(weights.shape[0], -1).max(axis=1) > 0).astype(jnp.float32)
         sums = {
             "count": weights,
-            "correct": (jnp.argmax(out.logits, -1) == labels) * weights,
-            "loss": objective.cross_entropy(out.logits, labels) * weights,
-            "steps": jnp.where(r.converged, r.n_steps, step_limit) * weights,
-            "converged": r.converged * weights,
-            "residual": r.rel_residual * weights,
+            "correct": (jnp.argmax(out.logits, -1) == targets) * weights,
+            "loss": objective.cross_entropy(out.logits, targets) * weights,
+            "examples": example,
+            "steps": jnp.where(r.converged, r.n_steps, step_limit) * example,
+            "converged": r.converged * example,
+            "residual": r.rel_residual * example,
         }
         if with_jacobian:
-            keys = jax.random.split(jax.random.key(c.seed + 1), images.shape[0])
-            sums["jac"] = objective.jacobian_penalty(model, params, out.x, out.z, keys, c.eval.jac_probes) * weights
+            keys = jax.random.split(jax.random.key(c.seed + 1), inputs.shape[0])
+            sums["jac"] = objective.jacobian_penalty(model, params, out.x, out.z, keys, c.eval.jac_probes) * example
         return {k: jax.lax.psum(jnp.sum(v.astype(jnp.float32)), DATA) for k, v in sums.items()}
 
     sharded = jax.shard_map(
@@ -223,13 +228,16 @@ def make_eval_step(model: nn.Module, c, mesh: Mesh, with_jacobian: bool):
     return jax.jit(sharded, in_shardings=(replicated, replicated, data, data, data), out_shardings=replicated)
 
 
-def init_state(model: nn.Module, c, tx: optax.GradientTransformation, image_shape, mesh: Mesh) -> TrainState:
-    """Parameters from ``seed``, optimizer state, gamma schedule state; replicated on the mesh."""
+def init_state(model: nn.Module, c, tx: optax.GradientTransformation, sample_input, mesh: Mesh) -> TrainState:
+    """Parameters from ``seed``, optimizer state, gamma schedule state; replicated on the mesh.
+
+    ``sample_input``: ``[1, ...]`` array of the model's input shape and dtype.
+    """
     schedule = schedules.from_config(c)
 
     @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
     def init():
-        params = model.init(jax.random.key(c.seed), jnp.zeros((1,) + tuple(image_shape), jnp.float32))["params"]
+        params = model.init(jax.random.key(c.seed), jnp.zeros(sample_input.shape, sample_input.dtype))["params"]
         return TrainState(jnp.int32(0), params, tx.init(params), schedule.init())
 
     return init()

@@ -1,0 +1,122 @@
+"""What the training loop needs to know about a data set and its model.
+
+Two tasks share one loop, one train step and one eval step:
+
+* image classification (``digits``, ``cifar10``) with an :class:`~deq_jax.models.MDEQ`:
+  inputs ``[B, H, W, C]`` float32, targets ``[B]`` int32;
+* language modelling (``pydoc``, ``tiny_shakespeare``, ``wikitext103``) with a
+  :class:`~deq_jax.models.DEQTransformer`: inputs and targets ``[B, T]`` int32 (the next
+  tokens).
+
+Evaluation batches carry weights shaped like the targets (0 marks padding), so loss and
+accuracy are means over real targets and solver statistics are means over examples that
+hold at least one real target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import numpy as np
+
+from deq_jax.data import pipeline, text
+from deq_jax.models import MDEQ, DEQTransformer
+
+Batch = tuple[np.ndarray, np.ndarray]
+EvalBatch = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A data set, its model and its batches.
+
+    Attributes:
+      name: data set name (``data.name``).
+      data: the loaded :class:`~deq_jax.data.Dataset` or :class:`~deq_jax.data.TextDataset`.
+      model: the Flax module (methods inject / initial_state / cell / head).
+      sample_input: ``[1, ...]`` zeros of the model's input shape and dtype (for ``init``).
+      train_batch: ``step -> (inputs, targets)``, the global batch of a step.
+      eval_sets: split name -> a function returning ``(inputs, targets, weights)`` batches;
+        the first split is evaluated during training, the others once at the end.
+      language: report perplexity ``exp(loss)``.
+      char_level: also report bits per character ``loss / ln 2``.
+      baselines: reference numbers for the summary (e.g. ``unigram_bpc``).
+    """
+
+    name: str
+    data: Any
+    model: nn.Module
+    sample_input: np.ndarray
+    train_batch: Callable[[int], Batch]
+    eval_sets: dict[str, Callable[[], Iterator[EvalBatch]]]
+    language: bool = False
+    char_level: bool = False
+    baselines: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def eval_split(self) -> str:
+        return next(iter(self.eval_sets))
+
+    @property
+    def main_metric(self) -> str:
+        """The quality metric shown first: ``bpc``, ``perplexity`` or ``accuracy``."""
+        if self.char_level:
+            return "bpc"
+        return "perplexity" if self.language else "accuracy"
+
+    def derived(self, loss: float) -> dict[str, float]:
+        """Metrics derived from a mean cross-entropy (nats per target)."""
+        if not self.language:
+            return {}
+        out = {"perplexity": math.exp(min(loss, 700.0))}
+        if self.char_level:
+            out["bpc"] = loss / math.log(2.0)
+        return out
+
+
+def make_task(c) -> Task:
+    """The task of a resolved config: loads the data and builds the model."""
+    name = c.data.name
+    data_dir = c.data.data_dir or None
+    if name in pipeline.IMAGE_DATA:
+        ds = pipeline.load(name, seed=c.seed, data_dir=data_dir)
+        pipeline.steps_per_epoch(ds, c.train.batch_size)  # fails early if the batch is too large
+        return Task(
+            name=name,
+            data=ds,
+            model=MDEQ(c.model.size, num_classes=ds.num_classes, dropout=c.model.dropout),
+            sample_input=np.zeros((1,) + ds.image_shape, np.float32),
+            train_batch=lambda step: pipeline.train_batch(ds, step, c.train.batch_size, c.seed),
+            eval_sets={"test": lambda: pipeline.eval_batches(ds, c.eval.batch_size)},
+        )
+    ds = text.load_text(name, data_dir)
+    m, seq_len = c.model, c.train.seq_len
+    text.stream_batch(ds.train, 0, c.train.batch_size, seq_len)  # fails early if the corpus is too short
+    model = DEQTransformer(
+        ds.vocab_size,
+        d_model=m.d_model,
+        num_heads=m.num_heads,
+        d_ff=m.d_ff,
+        pre_ln=m.pre_ln,
+        tie_embeddings=m.tie_embeddings,
+        dropout=m.dropout,
+    )
+    char = ds.level == "char"
+    unigram = text.unigram_bits(ds, "valid")
+    return Task(
+        name=name,
+        data=ds,
+        model=model,
+        sample_input=np.zeros((1, seq_len), np.int32),
+        train_batch=lambda step: text.stream_batch(ds.train, step, c.train.batch_size, seq_len),
+        eval_sets={
+            "valid": lambda: text.eval_windows(ds.valid, c.eval.batch_size, seq_len),
+            "test": lambda: text.eval_windows(ds.test, c.eval.batch_size, seq_len),
+        },
+        language=True,
+        char_level=char,
+        baselines={"unigram_bpc" if char else "unigram_perplexity": unigram if char else 2.0**unigram},
+    )

@@ -1,0 +1,137 @@
+"""Language modelling end to end: train steps (pre-/post-LN), perplexity, the loop, sampling."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deq_jax.data import text
+from deq_jax.models.deq_transformer import rotary
+from deq_jax.train import config as config_lib
+from deq_jax.train import loop, step as step_lib
+from deq_jax.train.optim import make_optimizer
+from deq_jax.train.sampling import generate, load_run
+from deq_jax.train.tasks import make_task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lm_config(**overrides):
+    """A seconds-long pydoc run with a tiny DEQ-Transformer."""
+    c = {
+        "data": {"name": "pydoc"},
+        "model": {"d_model": 32, "num_heads": 4, "d_ff": 64, "dropout": 0.1},
+        "train": {"batch_size": 8, "seq_len": 16, "num_steps": 6, "pretrain_steps": 2, "pretrain_layers": 2,
+                  "log_every": 2, "eval_every": 6, "checkpoint_every": 2, "keep_checkpoints": 1},
+        "forward": {"max_steps": 6, "random_lower": 1},
+        "backward": {"max_steps": 6},
+        "jr": {"prob": 1.0},
+        "eval": {"batch_size": 64, "max_steps": 8, "budgets": "2,6", "jac_probes": 1},
+    }
+    for group, values in overrides.items():
+        c.setdefault(group, {}).update(values)
+    return config_lib.resolve(c)
+
+
+@pytest.mark.parametrize("pre_ln", [True, False])
+def test_pre_and_post_ln_both_train_a_step(pre_ln):
+    c = lm_config(model={"pre_ln": pre_ln}, optim={"learning_rate": 3e-3, "warmup_steps": 0})
+    task = make_task(c)
+    mesh = step_lib.make_mesh()
+    tx, lr = make_optimizer(c)
+    state = step_lib.init_state(task.model, c, tx, task.sample_input, mesh)
+    before = jax.device_get(state.params)
+    train_step = step_lib.make_train_step(task.model, c, tx, lr, mesh, "deq")
+    inputs, targets = task.train_batch(0)
+    losses = []
+    for _ in range(3):  # the same batch: the loss must fall
+        state, metrics = train_step(state, inputs, targets)
+        losses.append(float(metrics["loss"]))
+        assert np.isfinite(float(metrics["jr"])) and 1 <= float(metrics["fwd_steps"]) <= 6
+    assert losses[-1] < losses[0]
+    after = jax.device_get(state.params)
+    # The attention and feed-forward weights live only inside the cell: they moved.
+    for name in ("attention", "ff_in", "ff_out"):
+        moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), before[name], after[name])
+        assert max(jax.tree.leaves(moved)) > 0, name
+
+
+def test_uniform_model_has_perplexity_equal_to_the_vocabulary_size():
+    c = lm_config(model={"tie_embeddings": False})
+    task = make_task(c)
+    mesh = step_lib.make_mesh()
+    tx, _ = make_optimizer(c)
+    params = jax.device_get(step_lib.init_state(task.model, c, tx, task.sample_input, mesh).params)
+    params["output"] = jax.tree.map(np.zeros_like, params["output"])  # logits all 0: uniform
+    eval_fns = {
+        "jac": step_lib.make_eval_step(task.model, c, mesh, with_jacobian=True),
+        "plain": step_lib.make_eval_step(task.model, c, mesh, with_jacobian=False),
+    }
+    rows = loop.evaluate(eval_fns, params, task, c, mesh, step=0, final=True)
+    v = task.data.vocab_size
+    for row in rows:
+        assert row["perplexity"] == pytest.approx(v, rel=1e-5)
+        assert row["bpc"] == pytest.approx(np.log2(v), rel=1e-6)
+    assert [r["split"] for r in rows] == ["valid", "valid", "valid", "test"]
+    assert [r.get("budget") for r in rows if r["kind"] == "budget"] == [2, 6]
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+    q = jax.random.normal(jax.random.key(0), (1, 1, 2, 8))
+    k = jax.random.normal(jax.random.key(1), (1, 1, 2, 8))
+
+    def score(tq, tk):  # q at position tq, k at position tk
+        t = max(tq, tk) + 1
+        qs = rotary(jnp.zeros((1, t, 2, 8)).at[:, tq].set(q[:, 0]))[:, tq]
+        ks = rotary(jnp.zeros((1, t, 2, 8)).at[:, tk].set(k[:, 0]))[:, tk]
+        return jnp.sum(qs * ks, -1)
+
+    np.testing.assert_allclose(score(5, 2), score(13, 10), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(score(0, 0), jnp.sum(q * k, -1)[:, 0], rtol=1e-6)
+    assert not np.allclose(score(5, 2), score(5, 4), atol=1e-3)
+
+
+def test_text_config_errors():
+    with pytest.raises(ValueError, match="even width"):
+        config_lib.resolve({"data": {"name": "pydoc"}, "model": {"d_model": 36, "num_heads": 4}})
+    with pytest.raises(ValueError, match="data.name must be one of"):
+        config_lib.resolve({"data": {"name": "ptb"}})
+
+
+def test_lm_run_reports_bpc_and_samples_deterministically(tmp_path):
+    c = lm_config()
+    run = tmp_path / "lm"
+    summary = loop.train(c.to_dict(), run, progress=False)
+    assert summary["main_metric"] == "bpc" and summary["eval_split"] == "valid"
+    for key in ("valid_bpc", "valid_perplexity", "test_bpc", "unigram_bpc"):
+        assert np.isfinite(summary[key]), key
+    assert summary["valid_bpc"] == pytest.approx(np.log2(summary["valid_perplexity"]), rel=1e-6)
+    assert summary["unigram_bpc"] == pytest.approx(text.unigram_bits(text.load_pydoc()), rel=1e-9)
+    assert sorted(summary["budgets"]) == [2, 6] and (run / "plots" / "budgets.png").exists()
+    assert "valid bpc" in loop.describe(summary) and "unigram" in loop.describe(summary)
+
+    c2, task, params, step = load_run(run)
+    assert step == 6 and c2.to_dict() == c.to_dict()
+    kw = dict(length=20, temperature=1.0)
+    a = generate(task, params, c2, "The ", seed=3, **kw)
+    assert len(a) == 20 and a == generate(task, params, c2, "The ", seed=3, **kw)
+    assert a != generate(task, params, c2, "The ", seed=4, **kw)
+    greedy = generate(task, params, c2, "class ", length=5, temperature=0.0)
+    assert greedy == generate(task, params, c2, "class ", length=5, temperature=0.0, seed=9)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(task, params, c2, "", length=5)
+
+    # The entry point prints the same text for the same seed.
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.sample", str(run), "--prompt=The ", "--length=20",
+         "--temperature=1.0", "--seed=3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == ("The " + a).splitlines()[-1]
+    assert json.loads((run / "config.json").read_text())["data"]["name"] == "pydoc"
