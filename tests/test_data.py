@@ -66,5 +66,5 @@ def test_augment_crops_and_flips():
 def test_missing_dataset_says_how_to_prepare_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="tfds build cifar10"):
         data.load("cifar10", data_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="unknown data set"):
+    with pytest.raises(ValueError, match="unknown image data set"):
         data.load("mnist")

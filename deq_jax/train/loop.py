@@ -29,6 +29,7 @@ from deq_jax.train.optim import make_optimizer
 from deq_jax.train.tasks import Task, make_task
 
 TIMING_KEYS = ("step_time", "examples_per_s", "train_time_s")
+SHORT = {"accuracy": "acc", "perplexity": "ppl", "bpc": "bpc"}  # progress-bar names
 
 
 def _global_array(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -211,7 +212,7 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
                 writer.write({"step": done_steps, "kind": "train", "mode": mode, **row})
             bar.set_postfix(
                 loss=f"{row['loss']:.3f}",
-                **{task.main_metric[:4]: f"{row[task.main_metric]:.3f}"},
+                **{SHORT[task.main_metric]: f"{row[task.main_metric]:.3f}"},
                 fwd=f"{row['fwd_steps']:.1f}",
                 res=f"{row['fwd_residual']:.1e}",
                 jr=f"{row['jr']:.2e}",
