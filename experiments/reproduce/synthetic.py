@@ -84,8 +84,11 @@ def df_dz(params, x, z):
     return jax.vmap(jax.grad(lambda zz, xx: cell(params, xx[None], zz[None])[0, 0]))(z[:, 0], x)
 
 
-def train(gamma: float, data, steps: int, seed: int):
-    """Adam on MSE + gamma * Hutchinson JR (probability 0.4); returns the parameters."""
+def train(gamma: float, data, steps: int, seed: int, log_every: int = 0, on_log=None):
+    """Adam on MSE + gamma * Hutchinson JR (probability 0.4); returns the parameters.
+
+    ``on_log(step, params)`` is called every ``log_every`` steps (and at the end) if given.
+    """
     x_train, y_train = jnp.asarray(data[0]), jnp.asarray(data[1])
     tx = optax.adam(1e-3)
     params = init_params(jax.random.key(seed))
@@ -112,6 +115,8 @@ def train(gamma: float, data, steps: int, seed: int):
 
     for t in range(steps):
         params, opt = step(params, opt, jnp.int32(t))
+        if on_log is not None and ((log_every and (t + 1) % log_every == 0) or t + 1 == steps):
+            on_log(t + 1, params)
     return params
 
 
