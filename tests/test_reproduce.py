@@ -32,3 +32,28 @@ def test_synthetic_script_writes_its_table_and_figures(tmp_path):
         assert 0 <= r["test_mse"] < 10 and 1 <= r["steps_to_tol"] <= synthetic.EVAL_STEPS
         assert 0 <= r["reached_tol"] <= 1 and np.isfinite(r["jac_sq"])
     assert saved["0.0"]["test_mse"] == pytest.approx(results[0.0]["test_mse"], rel=1e-12)
+
+
+def test_convergence_script_on_a_trained_run(tmp_path):
+    from experiments.reproduce import convergence
+    from deq_jax.train import train
+
+    c = {
+        "data": {"name": "pydoc"},
+        "model": {"d_model": 32, "num_heads": 4, "d_ff": 64},
+        "train": {"batch_size": 8, "seq_len": 16, "num_steps": 4, "pretrain_steps": 2, "log_every": 2,
+                  "eval_every": 4, "checkpoint_every": 2},
+        "forward": {"max_steps": 4, "random_lower": 0},
+        "backward": {"max_steps": 4},
+        "eval": {"batch_size": 64, "max_steps": 6, "budgets": "2", "jac_probes": 1},
+    }
+    train(c, tmp_path / "run", progress=False)
+    (result,) = convergence.run(str(tmp_path / "out"), [tmp_path / "run"], steps=8)
+    assert result["checkpoint_step"] == 4 and result["examples"] == 64
+    # The forward solve starts from z0 = 0, where ||f(0) - 0|| / ||f(0)|| is exactly 1.
+    assert result["forward"][0] == pytest.approx(1.0, rel=1e-5)
+    assert result["forward"].shape == result["backward"].shape == (9,)
+    assert result["forward"][-1] < 0.1 * result["forward"][0]
+    assert 0 < result["backward"][-1] < result["backward"][0]
+    for name in ("results.md", "forward.png", "backward.png"):
+        assert (tmp_path / "out" / name).exists()

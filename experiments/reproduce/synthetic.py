@@ -33,10 +33,6 @@ from absl import app, flags, logging
 
 import deq_jax
 
-flags.DEFINE_string("out", "results/synthetic", "Results folder.")
-flags.DEFINE_enum("size", "small", ["small", "large"], "small: 3000 steps, 512 points; large: 10x both.")
-flags.DEFINE_string("gammas", "0,1,2,4", "JR weights to train with.")
-flags.DEFINE_integer("seed", 0, "Seed for data, initialization and probes.")
 FLAGS = flags.FLAGS
 
 SIZES = {"small": {"steps": 3000, "n": 512}, "large": {"steps": 30000, "n": 5120}}
@@ -220,5 +216,16 @@ def main(argv):
     run(FLAGS.out, FLAGS.size, gammas, FLAGS.seed)
     print(f"wrote {FLAGS.out}/results.md, fit.png, steps.png")
 
+
+def define_flags():
+    """The command-line flags (defined on demand: importing this module defines none, so
+    several scripts can be imported into one process)."""
+    flags.DEFINE_string("out", "results/synthetic", "Results folder.")
+    flags.DEFINE_enum("size", "small", ["small", "large"], "small: 3000 steps, 512 points; large: 10x both.")
+    flags.DEFINE_string("gammas", "0,1,2,4", "JR weights to train with.")
+    flags.DEFINE_integer("seed", 0, "Seed for data, initialization and probes.")
+
+
 if __name__ == "__main__":
+    define_flags()
     sys.exit(app.run(main))
