@@ -15,10 +15,7 @@ import os
 import sys
 import time
 
-# Faster CPU matmuls/convs for the Jacobian term (same values): see README "Performance".
-# Set before jax is imported; a user's own XLA_FLAGS come last and win.
-_CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot --xla_cpu_copy_insertion_use_region_analysis=true"
-os.environ["XLA_FLAGS"] = f"{_CPU_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
+import experiments.cpu_flags  # noqa: F401  (before jax: faster CPU code, same math)
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -24,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+import experiments.cpu_flags  # noqa: F401  (before jax: the same XLA CPU flags as experiments.train)
 import jax
 import jax.numpy as jnp
 import numpy as np

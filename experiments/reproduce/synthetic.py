@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import experiments.cpu_flags  # noqa: F401  (before jax: the same XLA CPU flags as experiments.train)
 import jax
 import jax.numpy as jnp
 import numpy as np
