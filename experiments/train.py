@@ -15,7 +15,10 @@ import os
 import sys
 import time
 
-import experiments.cpu_flags  # noqa: F401  (before jax: faster CPU code, same math)
+import experiments.cpu_flags as cpu_flags
+
+if __name__ == "__main__":
+    cpu_flags.apply()  # before jax is imported: faster CPU code, same math
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

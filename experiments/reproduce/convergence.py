@@ -24,15 +24,19 @@ import json
 import sys
 from pathlib import Path
 
-import experiments.cpu_flags  # noqa: F401  (before jax: the same XLA CPU flags as experiments.train)
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import app, flags, logging
+import experiments.cpu_flags as cpu_flags
 
-import deq_jax
-from deq_jax.train import objective
-from deq_jax.train.sampling import load_run
+if __name__ == "__main__":
+    cpu_flags.apply()  # before jax is imported: the same XLA CPU flags as experiments.train
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+import deq_jax  # noqa: E402
+from deq_jax.train import objective  # noqa: E402
+from deq_jax.train.sampling import load_run  # noqa: E402
 
 FLAGS = flags.FLAGS
 

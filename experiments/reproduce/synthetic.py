@@ -25,14 +25,18 @@ import sys
 import time
 from pathlib import Path
 
-import experiments.cpu_flags  # noqa: F401  (before jax: the same XLA CPU flags as experiments.train)
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from absl import app, flags, logging
+import experiments.cpu_flags as cpu_flags
 
-import deq_jax
+if __name__ == "__main__":
+    cpu_flags.apply()  # before jax is imported: the same XLA CPU flags as experiments.train
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+import deq_jax  # noqa: E402
 
 FLAGS = flags.FLAGS
 
