@@ -15,7 +15,7 @@ from deq_jax.models.deq_transformer import rotary
 from deq_jax.train import config as config_lib
 from deq_jax.train import loop, step as step_lib
 from deq_jax.train.optim import make_optimizer
-from deq_jax.train.sampling import generate, load_run
+from deq_jax.train.sampling import generate, load_run, next_token_logits_fn
 from deq_jax.train.tasks import make_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +125,8 @@ def test_lm_run_reports_bpc_and_samples_deterministically(tmp_path):
     assert greedy == generate(task, params, c2, "class ", length=5, temperature=0.0, seed=9)
     with pytest.raises(ValueError, match="at least one token"):
         generate(task, params, c2, "", length=5)
+    # One compiled function per (model, solver): a freshly loaded task of the run reuses it.
+    assert next_token_logits_fn(task, c2) is next_token_logits_fn(load_run(run)[1], c2)
 
     # The entry point prints the same text for the same seed.
     proc = subprocess.run(

@@ -12,6 +12,7 @@ last real token irrelevant to its logits (up to the solver's tolerance).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -25,8 +26,12 @@ from deq_jax.train.config import resolve
 from deq_jax.train.tasks import Task, make_task
 
 
-def load_run(run_dir: str | os.PathLike, step: int | None = None):
-    """``(config, task, params, step)`` of a run folder's newest checkpoint (or ``step``)."""
+def open_run(run_dir: str | os.PathLike):
+    """``(config, task, params_template)`` of a run folder, no parameters loaded.
+
+    ``params_template`` holds ``jax.ShapeDtypeStruct`` leaves, for
+    :func:`deq_jax.train.checkpoint.restore_params` (e.g. to load every checkpoint).
+    """
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.exists():
@@ -36,17 +41,30 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None):
     template = jax.eval_shape(
         lambda: task.model.init(jax.random.key(0), jnp.zeros(task.sample_input.shape, task.sample_input.dtype))
     )["params"]
+    return c, task, template
+
+
+def load_run(run_dir: str | os.PathLike, step: int | None = None):
+    """``(config, task, params, step)`` of a run folder's newest checkpoint (or ``step``)."""
+    c, task, template = open_run(run_dir)
     params, step = checkpoint.restore_params(run_dir, template, step)
     return c, task, params, step
 
 
 def next_token_logits_fn(task: Task, c):
-    """Jitted ``(params, window [1, T] int32, position) -> logits [vocab]`` at ``position``."""
-    setup = objective.solvers_from_config(c)
+    """Jitted ``(params, window [1, T] int32, position) -> logits [vocab]`` at ``position``.
 
+    One function per (model, forward solver): repeated :func:`generate` calls on the same
+    run compile once.
+    """
+    return _logits_fn(task.model, objective.solvers_from_config(c).forward)
+
+
+@functools.lru_cache(maxsize=8)
+def _logits_fn(model, forward):
     @jax.jit
     def logits_at(params, window, position):
-        out = objective.forward(task.model, params, window, mode="deq", config=setup.forward)
+        out = objective.forward(model, params, window, mode="deq", config=forward)
         return out.logits[0, position].astype(jnp.float32)
 
     return logits_at

@@ -29,14 +29,11 @@ import experiments.cpu_flags as cpu_flags
 if __name__ == "__main__":
     cpu_flags.apply()  # before jax is imported: the same XLA CPU flags as experiments.train
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-import deq_jax  # noqa: E402
-from deq_jax.train import objective  # noqa: E402
 from deq_jax.train.sampling import load_run  # noqa: E402
+from experiments.reproduce import figures, measure, runs  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -45,72 +42,28 @@ SHOW = (2, 4, 8, 12, 20, 40)  # steps reported in the table
 
 def make_runs(out: Path, size: str) -> list[Path]:
     """Digits MDEQ runs without and with JR (the Quickstart config) under ``out``."""
-    from deq_jax.train import train
-
     steps = {"small": {}, "large": {"num_steps": 2000, "pretrain_steps": 600, "eval_every": 500}}[size]
-    runs = []
-    for name, gamma in (("digits_no_jr", 0.0), ("digits_jr", 1.0)):
-        run = out / name
-        if not (run / "summary.json").exists():
-            train({"jr": {"gamma": gamma}, "train": steps}, run, resume=run.exists())
-        runs.append(run)
-    return runs
+    return runs.train_runs(out, {name: {"jr": {"gamma": gamma}, "train": steps}
+                                 for name, gamma in (("digits_no_jr", 0.0), ("digits_jr", 1.0))})
 
 
 def traces(run_dir, steps: int, batches: int) -> dict:
     """Mean forward and backward relative residual after each solver step ``[steps + 1]``."""
     c, task, params, step = load_run(run_dir)
-    split = task.eval_split
-    f = objective.cell_fn(task.model)
-    forward = deq_jax.SolverConfig(c.forward.solver, steps, 1e-12, c.forward.stop_mode)
-    backward = deq_jax.SolverConfig(c.backward.solver, steps, 1e-12, c.backward.stop_mode)
-
-    @jax.jit
-    def one(params, inputs, targets, weights):
-        out = objective.forward(task.model, params, inputs, mode="deq", config=forward)
-
-        def loss(z):
-            logits = task.model.apply({"params": params}, z, method="head")
-            return jnp.sum(objective.cross_entropy(logits, targets) * weights) / jnp.sum(weights)
-
-        g = jax.grad(loss)(out.z)
-        _, adj = deq_jax.adjoint_solve(f, params, out.x, jax.lax.stop_gradient(out.z), g, backward)
-        return out.result.rel_trace, adj.rel_trace
-
-    fwd, bwd = [], []
-    for i, (inputs, targets, weights) in enumerate(task.eval_sets[split]()):
-        if i == batches:
-            break
-        a, b = jax.device_get(one(params, inputs, targets, weights))
-        keep = np.asarray(weights).reshape(len(weights), -1).max(axis=1) > 0
-        fwd.append(np.asarray(a)[:, keep])
-        bwd.append(np.asarray(b)[:, keep])
-    fwd, bwd = np.concatenate(fwd, axis=1), np.concatenate(bwd, axis=1)
+    m = measure.measure(measure.make_measure(task, c, steps), params, task, batches)
     return {
         "name": Path(run_dir).name,
         "checkpoint_step": step,
         "gamma": c.jr.gamma,
         "data": task.name,
-        "examples": fwd.shape[1],
-        "forward": _carry_forward(fwd).mean(axis=1),
-        "backward": _carry_forward(bwd).mean(axis=1),
+        "examples": m["forward"].shape[1],
+        "forward": m["forward"].mean(axis=1),
+        "backward": m["backward"].mean(axis=1),
     }
 
 
-def _carry_forward(trace: np.ndarray) -> np.ndarray:
-    """An example that stopped (NaN after its last step) keeps its last residual."""
-    out = trace.copy()
-    for t in range(1, len(out)):
-        out[t] = np.where(np.isnan(out[t]), out[t - 1], out[t])
-    return out
-
-
 def plot(results: list[dict], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = figures.pyplot()
     paths = []
     for key, what in (("forward", "forward solve z = f(z)"), ("backward", "backward (adjoint) solve u = u J + g")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -118,13 +71,8 @@ def plot(results: list[dict], out: Path) -> list[Path]:
             label = f"{r['name']} (γ = {r['gamma']:g})"
             ax.semilogy(np.arange(len(r[key])), r[key], label=label)
         ax.set(xlabel="solver step", ylabel="mean relative residual", title=f"Convergence of the {what}")
-        ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"{key}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(figures.save(fig, out / f"{key}.png"))
     return paths
 
 

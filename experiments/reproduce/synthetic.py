@@ -37,6 +37,7 @@ import optax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 import deq_jax  # noqa: E402
+from experiments.reproduce import figures  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -136,11 +137,7 @@ def evaluate(params, x, y) -> dict:
 
 
 def plot(results, data, grid, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = figures.pyplot()
     x_test, y_test = data[2], data[3]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter(x_test[:, 0], y_test[:, 0], s=4, c="0.6", label="test data")
@@ -148,11 +145,7 @@ def plot(results, data, grid, out: Path) -> list[Path]:
         ax.plot(grid[:, 0], r["grid_z"][:, 0], label=f"γ = {gamma:g} (MSE {r['test_mse']:.4f})")
     ax.set(xlabel="x", ylabel="prediction z*(x) at 6 Broyden steps", title="Learned equilibrium vs data")
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fit = out / "fit.png"
-    fig.savefig(fit, dpi=120)
-    plt.close(fig)
+    fit = figures.save(fig, out / "fit.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     order = np.argsort(grid[:, 0])
@@ -164,11 +157,7 @@ def plot(results, data, grid, out: Path) -> list[Path]:
         title="Forward solver steps per input",
     )
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    steps = out / "steps.png"
-    fig.savefig(steps, dpi=120)
-    plt.close(fig)
+    steps = figures.save(fig, out / "steps.png")
     return [fit, steps]
 
 
