@@ -15,7 +15,6 @@ model is scored on the whole evaluation split. Writes ``results.md``, ``results.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -26,50 +25,28 @@ if __name__ == "__main__":
 
 from absl import app, flags, logging  # noqa: E402
 
-from deq_jax.train.sampling import open_run  # noqa: E402
 from experiments.reproduce import figures, runs  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-SIZES = {
-    "small": {"num_steps": 300, "pretrain_steps": 100, "eval_every": 300},
-    "large": {"num_steps": 2000, "pretrain_steps": 600, "eval_every": 500},
-}
 METRIC_NAMES = {"accuracy": "accuracy", "bpc": "bits per character", "perplexity": "perplexity"}
 
 
 def configs(size: str, gammas) -> dict[str, dict]:
-    return {f"gamma_{g:g}": {"jr": {"gamma": g}, "train": SIZES[size], "eval": {"budgets": "all"}} for g in gammas}
+    train = runs.DIGITS_SIZES[size]
+    return {f"gamma_{g:g}": {"jr": {"gamma": g}, "train": train, "eval": {"budgets": "all"}} for g in gammas}
 
 
 def collect(run_dir) -> dict:
     """A finished run's final evaluation at every budget, and its solver statistics."""
-    run_dir = Path(run_dir)
-    summary_path = run_dir / "summary.json"
-    if not summary_path.exists():
-        raise FileNotFoundError(f"{run_dir} has no summary.json (the run has not finished)")
-    s = json.loads(summary_path.read_text())
+    numbers, s, _ = runs.final_numbers(run_dir)
     if not s["budgets"]:
         raise ValueError(f"{run_dir} was trained without eval.budgets rows")
-    c, _, _ = open_run(run_dir)
-    key, split = s["main_metric"], s["eval_split"]
     budgets = sorted((int(b), v) for b, v in s["budgets"].items())
-    return {
-        "name": run_dir.name,
-        "label": runs.label(c),
-        "data": s["data"],
-        "metric": key,
-        "split": split,
+    return numbers | {
         "budgets": [b for b, _ in budgets],
-        "quality": [v[key] for _, v in budgets],
+        "quality": [v[numbers["metric"]] for _, v in budgets],
         "residual": [v["residual"] for _, v in budgets],
-        "at_limit": s[f"{split}_{key}"],
-        "limit": c.forward.max_steps,
-        "steps_to_tol": s["fwd_steps_to_tol"],
-        "converged_to_tol": s["converged_to_tol"],
-        "tol": c.forward.tol,
-        "jacobian": s["jacobian_frobenius_sq_per_dim"],
-        "train_time_s": s["train_time_s"],
     }
 
 
@@ -128,10 +105,7 @@ def run(out: str, run_dirs=(), size: str = "small", gammas=(0.0, 0.25, 1.0, 4.0)
     run_dirs = [Path(r) for r in run_dirs] or runs.train_runs(out / "runs", configs(size, gammas))
     results = [collect(r) for r in run_dirs]
     paths = plot(results, out)
-    lines = [f"# Hard-stopped forward budgets ({results[0]['data']})", "", *table(results), "",
-             *[f"![{p.stem}]({p.name})" for p in paths], ""]
-    (out / "results.md").write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    figures.write_results(out, f"Hard-stopped forward budgets ({results[0]['data']})", table(results), paths, results)
     return results
 
 
@@ -148,7 +122,8 @@ def define_flags():
     """The command-line flags (defined on demand: importing this module defines none)."""
     flags.DEFINE_string("out", "results/budgets", "Results folder.")
     flags.DEFINE_list("runs", [], "Finished run folders (default: train digits once per gamma).")
-    flags.DEFINE_enum("size", "small", list(SIZES), "Digits runs made here: 300 (small) or 2000 (large) steps.")
+    flags.DEFINE_enum("size", "small", list(runs.DIGITS_SIZES),
+                      "Digits runs made here: 300 (small) or 2000 (large) steps.")
     flags.DEFINE_list("gammas", ["0", "0.25", "1", "4"], "JR weights, one digits run each.")
 
 

@@ -196,20 +196,11 @@ def run(out: str, run_dirs=(), size: str = "small", weight_decay: float = 0.5, g
     results = [analyse(r, budget, examples, power_iters) for r in run_dirs]
     t2 = time.perf_counter()
     paths = plot(results, budget, out)
-    lines = [
-        f"# Conditioning of the equilibrium over training ({results[0]['data']}, first {results[0]['examples']} "
-        f"evaluation examples, budget {budget} steps, power method {power_iters} iterations)",
-        "",
-        *table(results, budget),
-        "",
-        ("" if given else f"Training (of the runs not already finished in {out / 'runs'}) {t1 - t0:.0f} s, ")
-        + f"analysis {t2 - t1:.0f} s.",
-        "",
-        *[f"![{p.stem}]({p.name})" for p in paths],
-        "",
-    ]
-    (out / "results.md").write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    heading = (f"Conditioning of the equilibrium over training ({results[0]['data']}, first {results[0]['examples']} "
+               f"evaluation examples, budget {budget} steps, power method {power_iters} iterations)")
+    timing = [] if given else [f"training (of the runs not already finished in {out / 'runs'}) {t1 - t0:.0f} s"]
+    body = [*table(results, budget), "", "Time: " + ", ".join([*timing, f"analysis {t2 - t1:.0f} s"]) + "."]
+    figures.write_results(out, heading, body, paths, results)
     return results
 
 

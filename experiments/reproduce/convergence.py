@@ -20,7 +20,6 @@ JR gamma = 1) into ``<out>/runs``. Writes ``results.md``, ``forward.png``, ``bac
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -81,11 +80,9 @@ def run(out: str, run_dirs=(), size: str = "small", steps: int = 40, batches: in
     out.mkdir(parents=True, exist_ok=True)
     run_dirs = [Path(r) for r in run_dirs] or make_runs(out / "runs", size)
     results = [traces(r, steps, batches) for r in run_dirs]
-    figures = plot(results, out)
+    paths = plot(results, out)
     shown = [s for s in SHOW if s <= steps]
     lines = [
-        f"# Solver convergence of trained models ({steps} steps recorded, first {batches} evaluation batch(es))",
-        "",
         "| run | data | γ | checkpoint | examples | " + " | ".join(f"fwd@{s}" for s in shown) + " | "
         + " | ".join(f"bwd@{s}" for s in shown) + " |",
         "|---|---|---|---|---|" + "---|" * (2 * len(shown)),
@@ -94,10 +91,9 @@ def run(out: str, run_dirs=(), size: str = "small", steps: int = 40, batches: in
         cells = [f"{r['forward'][s]:.1e}" for s in shown] + [f"{r['backward'][s]:.1e}" for s in shown]
         lines.append(f"| {r['name']} | {r['data']} | {r['gamma']:g} | {r['checkpoint_step']} | {r['examples']} | "
                      + " | ".join(cells) + " |")
-    lines += ["", *[f"![{p.stem}]({p.name})" for p in figures], ""]
-    (out / "results.md").write_text("\n".join(lines))
+    heading = f"Solver convergence of trained models ({steps} steps recorded, first {batches} evaluation batch(es))"
     saved = [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()} for r in results]
-    (out / "results.json").write_text(json.dumps(saved, indent=1) + "\n")
+    figures.write_results(out, heading, lines, paths, saved)
     return results
 
 

@@ -1,4 +1,4 @@
-"""Matplotlib set-up shared by the reproduction scripts (headless, one style, PNG)."""
+"""Figures and results files shared by the reproduction scripts (headless matplotlib, PNG)."""
 
 from __future__ import annotations
 
@@ -25,3 +25,13 @@ def save(fig, path: Path) -> Path:
     fig.clf()
     pyplot().close(fig)
     return Path(path)
+
+
+def write_results(out: Path, heading: str, body: list[str], paths: list[Path], results) -> None:
+    """``out/results.md`` (the heading, the body lines, then every figure as an image link)
+    and ``out/results.json`` (``results``, JSON-serializable)."""
+    import json
+
+    lines = [f"# {heading}", "", *body, "", *[f"![{p.stem}]({p.name})" for p in paths], ""]
+    (Path(out) / "results.md").write_text("\n".join(lines))
+    (Path(out) / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
+
+# The digits runs of budgets.py and schedules.py, by --size: shorter than the Quickstart's
+# 500 steps at "small", so that four runs fit in 15 minutes on 2 CPU cores.
+DIGITS_SIZES = {
+    "small": {"num_steps": 300, "pretrain_steps": 100, "eval_every": 300},
+    "large": {"num_steps": 2000, "pretrain_steps": 600, "eval_every": 500},
+}
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -42,3 +50,37 @@ def label(c) -> str:
         return "no reg." if wd == 0 else f"weight decay {wd:g}"
     text = f"JR γ = {j.gamma:g}" if j.schedule == "constant" else f"JR {j.schedule} (γ0 = {j.gamma:g})"
     return text + (f" + weight decay {wd:g}" if wd else "")
+
+
+def final_numbers(run_dir) -> tuple[dict, dict, object]:
+    """``(numbers, summary, config)`` of a finished run folder: ``numbers`` holds its name,
+    label, data, quality metric and split, the final quality at the step limit (``final``),
+    the solver statistics, Jacobian norm and train time. Raises ``FileNotFoundError`` if
+    the run has not finished (no ``summary.json``)."""
+    from deq_jax.train.sampling import open_run
+
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        raise FileNotFoundError(f"{run_dir} has no summary.json (the run has not finished)")
+    s = json.loads(summary_path.read_text())
+    c, _, _ = open_run(run_dir)
+    key, split = s["main_metric"], s["eval_split"]
+    numbers = {
+        "name": run_dir.name,
+        "label": label(c),
+        "data": s["data"],
+        "metric": key,
+        "split": split,
+        "final": s[f"{split}_{key}"],
+        "limit": c.forward.max_steps,
+        "tol": c.forward.tol,
+        "steps_at_limit": s["fwd_steps_at_limit"],
+        "steps_to_tol": s["fwd_steps_to_tol"],
+        "converged_to_tol": s["converged_to_tol"],
+        "residual_at_limit": s["residual_at_limit"],
+        "jacobian": s["jacobian_frobenius_sq_per_dim"],
+        "train_time_s": s["train_time_s"],
+        "pretrain_steps": c.train.pretrain_steps,
+    }
+    return numbers, s, c

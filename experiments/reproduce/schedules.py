@@ -24,7 +24,6 @@ batches' forward residual over training). Writes ``results.md`` and ``results.js
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -37,16 +36,9 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from deq_jax.train.metrics import read  # noqa: E402
-from deq_jax.train.sampling import open_run  # noqa: E402
 from experiments.reproduce import figures, runs  # noqa: E402
 
 FLAGS = flags.FLAGS
-
-SIZES = {
-    "small": {"num_steps": 300, "pretrain_steps": 100, "eval_every": 300},
-    "large": {"num_steps": 2000, "pretrain_steps": 600, "eval_every": 500},
-}
-
 
 # A step target no batch reaches: only the residual drives the adaptive schedule. (Broyden
 # does not reach tol 1e-3 within the 12-step limit here, so a target at or below the
@@ -55,7 +47,7 @@ STEP_CRITERION_OFF = 1000.0
 
 
 def configs(size: str, gamma0: float, target_residual: float) -> dict[str, dict]:
-    train = SIZES[size]
+    train = runs.DIGITS_SIZES[size]
     every = max((train["num_steps"] - train["pretrain_steps"]) // 5, 1)
     base = {"train": train, "eval": {"budgets": "12"}}
     return {
@@ -69,29 +61,9 @@ def configs(size: str, gamma0: float, target_residual: float) -> dict[str, dict]
 
 def collect(run_dir) -> dict:
     """A finished run's final numbers and its training curves of γ and forward residual."""
-    run_dir = Path(run_dir)
-    summary_path = run_dir / "summary.json"
-    if not summary_path.exists():
-        raise FileNotFoundError(f"{run_dir} has no summary.json (the run has not finished)")
-    s = json.loads(summary_path.read_text())
-    c, _, _ = open_run(run_dir)
-    rows = [r for r in read(run_dir / "metrics.jsonl") if r["kind"] == "train"]
-    key, split = s["main_metric"], s["eval_split"]
-    return {
-        "name": run_dir.name,
-        "label": runs.label(c),
-        "data": s["data"],
-        "metric": key,
-        "split": split,
-        "quality": s[f"{split}_{key}"],
-        "limit": c.forward.max_steps,
-        "steps_at_limit": s["fwd_steps_at_limit"],
-        "steps_to_tol": s["fwd_steps_to_tol"],
-        "converged_to_tol": s["converged_to_tol"],
-        "residual_at_limit": s["residual_at_limit"],
-        "jacobian": s["jacobian_frobenius_sq_per_dim"],
-        "train_time_s": s["train_time_s"],
-        "pretrain_steps": c.train.pretrain_steps,
+    numbers, _, c = runs.final_numbers(run_dir)
+    rows = [r for r in read(Path(run_dir) / "metrics.jsonl") if r["kind"] == "train"]
+    return numbers | {
         "target_residual": c.jr.target_residual if c.jr.schedule == "adaptive" else None,
         "train_steps": [r["step"] for r in rows],
         "gamma": [r["gamma"] for r in rows],
@@ -130,7 +102,7 @@ def table(results: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        quality = f"{r['quality']:.1%}" if r["metric"] == "accuracy" else f"{r['quality']:.3f}"
+        quality = f"{r['final']:.1%}" if r["metric"] == "accuracy" else f"{r['final']:.3f}"
         lines.append(
             f"| {r['label']} | {quality} | {r['steps_at_limit']:.2f} | {r['steps_to_tol']:.1f} | "
             f"{r['converged_to_tol']:.0%} | {r['residual_at_limit']:.1e} | {r['jacobian']:.3f} | "
@@ -147,10 +119,7 @@ def run(out: str, run_dirs=(), size: str = "small", gamma0: float = 0.5,
     run_dirs = [Path(r) for r in run_dirs] or runs.train_runs(out / "runs", configs(size, gamma0, target_residual))
     results = [collect(r) for r in run_dirs]
     paths = plot(results, out)
-    lines = [f"# γ schedules ({results[0]['data']})", "", *table(results), "",
-             *[f"![{p.stem}]({p.name})" for p in paths], ""]
-    (out / "results.md").write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    figures.write_results(out, f"γ schedules ({results[0]['data']})", table(results), paths, results)
     return results
 
 
@@ -166,7 +135,8 @@ def define_flags():
     """The command-line flags (defined on demand: importing this module defines none)."""
     flags.DEFINE_string("out", "results/schedules", "Results folder.")
     flags.DEFINE_list("runs", [], "Finished run folders (default: train digits once per schedule).")
-    flags.DEFINE_enum("size", "small", list(SIZES), "Digits runs made here: 300 (small) or 2000 (large) steps.")
+    flags.DEFINE_enum("size", "small", list(runs.DIGITS_SIZES),
+                      "Digits runs made here: 300 (small) or 2000 (large) steps.")
     flags.DEFINE_float("gamma0", 0.5, "Starting γ of every schedule.")
     flags.DEFINE_float("target_residual", 3e-2, "The adaptive schedule's target forward residual.")
 

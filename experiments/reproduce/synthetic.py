@@ -20,7 +20,6 @@ Writes ``results.md`` (one table) and ``fit.png``, ``steps.png`` into ``--out``.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -182,10 +181,8 @@ def run(out: str, size: str = "small", gammas=(0.0, 1.0, 2.0, 4.0), seed: int = 
         results[gamma] = r
         print(f"gamma {gamma:g}: test MSE {r['test_mse']:.4f} | steps to tol {r['steps_to_tol']:.1f} "
               f"({r['reached_tol']:.0%} reached) | (df/dz)^2 {r['jac_sq']:.3f} | {r['train_s']:.0f} s", flush=True)
-    figures = plot(results, data, grid, out)
+    paths = plot(results, data, grid, out)
     lines = [
-        f"# Synthetic 1-D DEQ ({size}: {cfg['steps']} steps, {cfg['n']} train / {cfg['n']} test points, seed {seed})",
-        "",
         f"| γ | test MSE (6 steps) | steps to reach tol {TOL:g} (cap {EVAL_STEPS}) | reached tol | "
         "residual at 6 steps | mean (df/dz)² at z* | train time |",
         "|---|---|---|---|---|---|---|",
@@ -195,10 +192,10 @@ def run(out: str, size: str = "small", gammas=(0.0, 1.0, 2.0, 4.0), seed: int = 
             f"| {gamma:g} | {r['test_mse']:.4f} | {r['steps_to_tol']:.1f} | {r['reached_tol']:.0%} | "
             f"{r['residual_at_6']:.1e} | {r['jac_sq']:.3f} | {r['train_s']:.0f} s |"
         )
-    lines += ["", *[f"![{p.stem}]({p.name})" for p in figures], ""]
-    (out / "results.md").write_text("\n".join(lines))
+    heading = (f"Synthetic 1-D DEQ ({size}: {cfg['steps']} steps, {cfg['n']} train / {cfg['n']} test points, "
+               f"seed {seed})")
     summary = {str(g): {k: v for k, v in r.items() if not isinstance(v, np.ndarray)} for g, r in results.items()}
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    figures.write_results(out, heading, lines, paths, summary)
     return results
 
 
