@@ -83,7 +83,7 @@ def analyse(run_dir, budget: int, examples: int, power_iters: int) -> dict:
     curves = {k: [] for k in CURVES}
     for step in steps:
         params, _ = checkpoint.restore_params(run_dir, template, step)
-        m = measure.measure(fn, params, task, batches=10**9, max_examples=examples, seed=c.seed)
+        m = measure.measure(fn, params, task, batches=None, max_examples=examples, seed=c.seed)
         curves["forward"].append(float(m["forward"][budget].mean()))
         curves["backward"].append(float(m["backward"][budget].mean()))
         curves["frobenius"].append(float(m["frobenius"].mean()))

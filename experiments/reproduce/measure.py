@@ -68,14 +68,14 @@ def _make(model, forward, backward, jacobian, probes, power_iters):
     return fn
 
 
-def measure(fn, params, task, batches: int = 1, max_examples: int | None = None, seed: int = 0) -> dict:
-    """``fn`` (from :func:`make_measure`) on the first ``batches`` batches of the task's
-    evaluation split, each cut to at most ``max_examples`` examples in all; padding
+def measure(fn, params, task, batches: int | None = 1, max_examples: int | None = None, seed: int = 0) -> dict:
+    """``fn`` (from :func:`make_measure`) on the first ``batches`` batches (``None``: all) of
+    the task's evaluation split, cut to at most ``max_examples`` examples in all; padding
     examples dropped. Traces are ``[steps + 1, N]``, an example that stopped early
     keeping its last residual; the rest ``[N]``."""
     parts, left = [], max_examples if max_examples is not None else float("inf")
     for i, batch in enumerate(task.eval_sets[task.eval_split]()):
-        if i == batches or left <= 0:
+        if (batches is not None and i == batches) or left <= 0:
             break
         inputs, targets, weights = (np.asarray(a)[: int(min(left, len(a)))] for a in batch)
         out = jax.device_get(fn(params, inputs, targets, weights, jax.random.key(seed + i)))
