@@ -44,6 +44,9 @@ class SolverConfig:
       tol: stop once the stop-mode residual is below this.
       stop_mode: "rel" or "abs".
       options: extra keyword arguments of that solver, e.g. ``{"memory": 10}``.
+      causal_axis: None, or the axis (>= 1) of z's leaves along which f is causal
+        (sequence positions): the solver is then causal at every iterate, so position t
+        of z never depends on later positions (see ``deq_jax.solvers.base``).
     """
 
     name: str = "broyden"
@@ -51,10 +54,12 @@ class SolverConfig:
     tol: float = 1e-3
     stop_mode: str = "rel"
     options: Mapping[str, Any] | tuple = ()
+    causal_axis: int | None = None
 
     def __post_init__(self):
         solvers.get(self.name)  # unknown name -> ValueError
         base.validate(self.max_steps, self.tol, self.stop_mode)
+        base.check_causal_axis(self.causal_axis)
         options = dict(self.options)
         object.__setattr__(self, "options", tuple(sorted(options.items())))
 
@@ -68,6 +73,7 @@ class SolverConfig:
             tol=self.tol,
             stop_mode=self.stop_mode,
             step_limit=step_limit,
+            causal_axis=self.causal_axis,
             **dict(self.options),
         )
 

@@ -9,6 +9,10 @@ with s = mean_i ||g_i||^2, so the regularization is relative to the residuals' s
 the small m x m system (G G^T + lam s I) w = 1, alpha = w / sum(w) is never singular.
 The Gram matrix G G^T is kept between steps and gains one row per step. Should the
 solve still fail (non-finite alpha), that example takes a plain mixing step instead.
+
+Causal mode (``causal_axis``, see ``solvers.base``): the Gram matrix is one per position,
+built from prefix inner products over positions <= t (``[B, T, m, m]``), so position t
+is mixed with its own weights alpha_t that read no later position.
 """
 
 from __future__ import annotations
@@ -24,38 +28,38 @@ Array = jax.Array
 
 
 class AndersonState(NamedTuple):
-    xs: Array  # [B, m, D] iterates (batch first: the products are batched matvecs)
-    gs: Array  # [B, m, D] residuals f(x) - x
-    gram: Array  # [B, m, m] g_i . g_j
+    xs: Array  # [B, m, T, D] iterates (batch first: the products are batched matvecs)
+    gs: Array  # [B, m, T, D] residuals f(x) - x
+    gram: Array  # [B, T, m, m] prefix inner products <g_i, g_j>_t
     count: Array  # [] entries written so far
 
 
 def _method(memory: int, regularization: float, mixing: float) -> base.Method:
-    eye = jnp.eye(memory)
-
     def init(z, fz):
-        zeros = jnp.zeros((z.shape[0], memory, z.shape[1]), z.dtype)
-        gram = jnp.zeros((z.shape[0], memory, memory), z.dtype)
+        zeros = jnp.zeros((z.shape[0], memory) + z.shape[1:], z.dtype)
+        gram = jnp.zeros(z.shape[:2] + (memory, memory), z.dtype)
         return AndersonState(xs=zeros, gs=zeros, gram=gram, count=jnp.int32(0))
 
     def step(s: AndersonState, z, fz):
+        eye = jnp.eye(memory, dtype=z.dtype)
         g = fz - z
         slot = s.count % memory
         xs = s.xs.at[:, slot].set(z)
         gs = s.gs.at[:, slot].set(g)
-        row = jnp.einsum("bmd,bd->bm", gs, g, precision=base.PRECISION)  # [B, m]
-        gram = s.gram.at[:, slot, :].set(row).at[:, :, slot].set(row)
+        row = base.pcoeffs(gs, g)  # [B, T, m]
+        gram = s.gram.at[..., slot, :].set(row).at[..., :, slot].set(row)
         valid = jnp.arange(memory) < jnp.minimum(s.count + 1, memory)  # [m]
         pair = valid[:, None] & valid[None, :]
-        scale = jnp.sum(jnp.where(valid, jnp.diagonal(gram, axis1=1, axis2=2), 0.0), axis=1)
+        scale = jnp.sum(jnp.where(valid, jnp.diagonal(gram, axis1=-2, axis2=-1), 0.0), axis=-1)
         scale = scale / jnp.sum(valid) + jnp.finfo(z.dtype).tiny
-        a = jnp.where(pair, gram, eye) + (regularization * scale)[:, None, None] * (eye * valid)
-        w = jnp.linalg.solve(a, jnp.broadcast_to(valid.astype(z.dtype), (z.shape[0], memory))[..., None])[..., 0]
-        alpha = w / jnp.sum(w, axis=1, keepdims=True)
-        ok = jnp.all(jnp.isfinite(alpha), axis=1, keepdims=True)
+        a = jnp.where(pair, gram, eye) + (regularization * scale)[..., None, None] * (eye * valid)
+        rhs = jnp.broadcast_to(valid.astype(z.dtype), gram.shape[:-1])[..., None]
+        w = jnp.linalg.solve(a, rhs)[..., 0]  # [B, T, m]
+        alpha = w / jnp.sum(w, axis=-1, keepdims=True)
+        ok = jnp.all(jnp.isfinite(alpha), axis=-1, keepdims=True)
         alpha = jnp.where(ok, alpha, jax.nn.one_hot(slot, memory, dtype=z.dtype))
-        x_mix = jnp.einsum("bm,bmd->bd", alpha, xs, precision=base.PRECISION)
-        g_mix = jnp.einsum("bm,bmd->bd", alpha, gs, precision=base.PRECISION)
+        x_mix = base.combine(alpha, xs)
+        g_mix = base.combine(alpha, gs)
         new = AndersonState(xs=xs, gs=gs, gram=gram, count=s.count + 1)
         return x_mix + mixing * g_mix, new
 
@@ -70,6 +74,7 @@ def anderson(
     tol: float = 1e-3,
     stop_mode: str = "rel",
     step_limit=None,
+    causal_axis: int | None = None,
     memory: int = 5,
     regularization: float = 1e-4,
     mixing: float = 1.0,
@@ -80,6 +85,7 @@ def anderson(
       f, z0, max_steps, tol, stop_mode: as for :func:`deq_jax.solvers.broyden`.
       step_limit: optional int (may be traced, e.g. under ``jit``) that lowers the
         step limit to ``min(step_limit, max_steps)`` without recompiling.
+      causal_axis: as for :func:`deq_jax.solvers.broyden` (per-position mixing weights).
       memory: ``m``, the number of past iterates mixed.
       regularization: ``lam``, Tikhonov weight relative to the mean squared residual.
       mixing: ``beta`` in (0, 1]; 1 mixes the f values, smaller values damp.
@@ -93,4 +99,6 @@ def anderson(
         raise ValueError(f"regularization must be >= 0, got {regularization!r}")
     if not 0 < mixing <= 1:
         raise ValueError(f"mixing must be in (0, 1], got {mixing!r}")
-    return base.solve(_method(memory, regularization, mixing), f, z0, max_steps, tol, stop_mode, step_limit)
+    return base.solve(
+        _method(memory, regularization, mixing), f, z0, max_steps, tol, stop_mode, step_limit, causal_axis
+    )

@@ -11,9 +11,24 @@ written here, that does the bookkeeping every method needs:
 * non-finite values: a step that produces NaN/Inf for an example never replaces that
   example's best iterate; the example stops and ``nonfinite`` says it happened.
 
-Internally the loop works on a ``[B, D]`` matrix in a *working* dtype of at least
+Internally the loop works on a ``[B, T, D]`` array in a *working* dtype of at least
 float32 (so norms and Broyden/Anderson products stay in float32 when ``f`` runs in
 bfloat16); ``f`` is always called on its own pytree structure and dtypes.
+
+**Causal solving** (``causal_axis``). For sequence models whose ``f`` is causal along
+an axis (position t of ``f(z)`` reads positions <= t of ``z``), a solver that mixes
+positions through inner products over the whole sequence is not causal before it
+converges: position t of an iterate then depends on later tokens. With ``causal_axis``
+set, ``T`` is that axis and every inner product a method takes is a *prefix* inner
+product, ``<a, b>_t = sum_{s <= t} a_s . b_s``, so each position gets its own
+coefficients (Broyden) or mixing weights (Anderson) from positions <= t. Residuals are
+prefix norms too, and position t stops once the residuals of every prefix up to t meet
+``tol`` (the stopped positions are always a prefix of the sequence). By induction,
+position t of every iterate is a function of positions <= t of ``f``'s inputs. The loop
+then returns the last iterate (a best iterate chosen by whole-sequence residual would
+let later positions decide which iterate position t gets); a non-finite value at
+position t sends positions >= t back to their last finite iterate and stops them.
+Without ``causal_axis``, ``T = 1`` and all of this is the ordinary per-example solver.
 """
 
 from __future__ import annotations
@@ -106,6 +121,31 @@ def ravel_batch(tree: PyTree, dtype) -> tuple[Array, Callable[[PyTree], Array], 
     (matrix -> pytree with the original structure, shapes and dtypes). One leaf is a
     reshape, with no copy.
     """
+    mat, ravel, unravel = ravel_positions(tree, dtype, None)
+    return mat[:, 0], lambda t: ravel(t)[:, 0], lambda m: unravel(m[:, None])
+
+
+def check_causal_axis(causal_axis) -> None:
+    """``ValueError`` unless ``causal_axis`` is None or an int >= 1 (axis 0 is the batch)."""
+    if causal_axis is None:
+        return
+    if isinstance(causal_axis, bool) or not isinstance(causal_axis, (int, np.integer)) or causal_axis < 1:
+        raise ValueError(
+            f"causal_axis must be None or an int >= 1 (axis 0 is the batch), got {causal_axis!r}"
+        )
+
+
+def ravel_positions(
+    tree: PyTree, dtype, causal_axis: int | None
+) -> tuple[Array, Callable[[PyTree], Array], Callable[[Array], PyTree]]:
+    """Flattens a pytree of ``[B, ...]`` arrays to one ``[B, T, D]`` array of ``dtype``.
+
+    ``T`` is the length of axis ``causal_axis`` of every leaf (moved next to the batch
+    axis), or 1 when ``causal_axis`` is None. Returns the array, the map (pytree like
+    ``tree`` -> array) and its inverse (array -> pytree with the original structure,
+    shapes and dtypes).
+    """
+    check_causal_axis(causal_axis)
     leaves, treedef = jax.tree.flatten(tree)
     if not leaves:
         raise ValueError("z0 is an empty pytree")
@@ -115,23 +155,41 @@ def ravel_batch(tree: PyTree, dtype) -> tuple[Array, Callable[[PyTree], Array], 
                 "every leaf of z0 needs a leading batch axis; got a scalar leaf. "
                 "For a single example, add an axis: z0[None]"
             )
-    batch = leaves[0].shape[0]
-    if any(leaf.shape[0] != batch for leaf in leaves):
-        raise ValueError(
-            "every leaf of z0 must share the batch size (leading axis); got shapes "
-            f"{[leaf.shape for leaf in leaves]}"
-        )
     shapes = [leaf.shape for leaf in leaves]
+    batch = shapes[0][0]
+    if any(shape[0] != batch for shape in shapes):
+        raise ValueError(f"every leaf of z0 must share the batch size (leading axis); got shapes {shapes}")
+    if causal_axis is None:
+        length = 1
+    else:
+        if any(len(shape) <= causal_axis for shape in shapes):
+            raise ValueError(f"causal_axis={causal_axis} is not an axis of every leaf of z0; got shapes {shapes}")
+        length = shapes[0][causal_axis]
+        if any(shape[causal_axis] != length for shape in shapes):
+            raise ValueError(
+                f"every leaf of z0 must have the same length along causal_axis={causal_axis}; got shapes {shapes}"
+            )
     dtypes = [leaf.dtype for leaf in leaves]
-    sizes = [int(np.prod(s[1:], dtype=np.int64)) for s in shapes]
+    # Each leaf's shape with the sequence axis moved to position 1.
+    moved = [s if causal_axis is None else (s[0], s[causal_axis]) + s[1:causal_axis] + s[causal_axis + 1 :] for s in shapes]
+    sizes = [int(np.prod(s[1:], dtype=np.int64)) // length for s in moved]
 
     def ravel(t):
-        flat = [jnp.reshape(leaf, (batch, -1)).astype(dtype) for leaf in jax.tree.leaves(t)]
-        return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=1)
+        flat = []
+        for leaf in jax.tree.leaves(t):
+            if causal_axis is not None:
+                leaf = jnp.moveaxis(leaf, causal_axis, 1)
+            flat.append(jnp.reshape(leaf, (batch, length, -1)).astype(dtype))
+        return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=2)
 
-    def unravel(mat):
-        parts = [mat] if len(sizes) == 1 else jnp.split(mat, np.cumsum(sizes)[:-1], axis=1)
-        leaves_out = [p.reshape(s).astype(d) for p, s, d in zip(parts, shapes, dtypes, strict=True)]
+    def unravel(arr):
+        parts = [arr] if len(sizes) == 1 else jnp.split(arr, np.cumsum(sizes)[:-1], axis=2)
+        leaves_out = []
+        for part, shape, moved_shape, dt in zip(parts, shapes, moved, dtypes, strict=True):
+            leaf = part.reshape(moved_shape)
+            if causal_axis is not None:
+                leaf = jnp.moveaxis(leaf, 1, causal_axis)
+            leaves_out.append(leaf.reshape(shape).astype(dt))
         return jax.tree.unflatten(treedef, leaves_out)
 
     return ravel(tree), ravel, unravel
@@ -144,13 +202,41 @@ def residual_norms(z: Array, fz: Array) -> tuple[Array, Array]:
     return abs_res, rel_res
 
 
-def bdot(a: Array, b: Array) -> Array:
-    """Per-example inner product of two ``[B, D]`` arrays -> ``[B]``."""
-    return jnp.einsum("bd,bd->b", a, b, precision=PRECISION)
+def prefix(x: Array) -> Array:
+    """Cumulative sum over positions (axis 1) of ``[B, T, ...]``; the identity when T = 1.
+
+    Entry t is a sum of entries <= t only, so it never depends on later positions."""
+    return x if x.shape[1] == 1 else jnp.cumsum(x, axis=1)
+
+
+def pdot(a: Array, b: Array) -> Array:
+    """Prefix inner products of two ``[B, T, D]`` arrays -> ``[B, T]``: ``sum_{s<=t} a_s . b_s``.
+
+    With T = 1 this is the per-example inner product."""
+    return prefix(jnp.einsum("btd,btd->bt", a, b, precision=PRECISION))
+
+
+def pcoeffs(buffer: Array, x: Array) -> Array:
+    """Prefix inner products of each of m ``[B, m, T, D]`` buffer rows with ``x`` ``[B, T, D]`` -> ``[B, T, m]``."""
+    return prefix(jnp.einsum("bmtd,btd->btm", buffer, x, precision=PRECISION))
+
+
+def combine(coeffs: Array, buffer: Array) -> Array:
+    """Per-position combinations ``sum_i coeffs[b, t, i] * buffer[b, i, t]`` -> ``[B, T, D]``."""
+    return jnp.einsum("btm,bmtd->btd", coeffs, buffer, precision=PRECISION)
+
+
+def prefix_residuals(z: Array, fz: Array) -> tuple[Array, Array]:
+    """``[B, T]`` prefix residuals of ``[B, T, D]`` inputs: ``||f(z) - z||`` and the relative one
+    over positions <= t (with T = 1: :func:`residual_norms` of each example)."""
+    diff = fz - z
+    abs_res = jnp.sqrt(pdot(diff, diff))
+    rel_res = abs_res / (jnp.sqrt(pdot(fz, fz)) + REL_EPS)
+    return abs_res, rel_res
 
 
 def _checked_f(f, z0, ravel, unravel):
-    """``f`` on ``[B, D]`` matrices, checking at trace time that it keeps z's structure."""
+    """``f`` on ``[B, T, D]`` arrays, checking at trace time that it keeps z's structure."""
     in_struct = jax.tree.structure(z0)
     in_shapes = [jnp.shape(leaf) for leaf in jax.tree.leaves(z0)]
 
@@ -169,20 +255,27 @@ def _checked_f(f, z0, ravel, unravel):
 
 
 class _Loop(NamedTuple):
+    """The loop's carry; per-position arrays are ``[B, T]`` (``T = 1`` unless causal)."""
+
     k: Array  # updates made so far
-    z: Array  # current iterate, [B, D]
+    z: Array  # current iterate, [B, T, D]
     fz: Array  # f(z)
     method_state: Any
-    stopped: Array  # [B] converged or failed: frozen from now on
-    best_z: Array
+    stopped: Array  # [B, T] converged or failed: frozen from now on
+    best_z: Array  # [B, T, D] lowest-residual iterate (causal: last finite iterate)
     best_fz: Array
-    best_metric: Array
+    best_metric: Array  # [B, T] its stop-mode residual
     best_abs: Array
     best_rel: Array
     best_step: Array
     nonfinite: Array
-    abs_trace: Array
+    abs_trace: Array  # [max_steps + 1, B] of the whole example
     rel_trace: Array
+
+
+def _cummax(x: Array) -> Array:
+    """Running maximum over positions (axis 1); the identity when T = 1."""
+    return x if x.shape[1] == 1 else jax.lax.cummax(x, axis=1)
 
 
 def solve(
@@ -193,44 +286,49 @@ def solve(
     tol: float,
     stop_mode: str,
     step_limit: Array | int | None = None,
+    causal_axis: int | None = None,
 ) -> SolverResult:
     """Runs ``method`` on ``z = f(z)`` from ``z0`` with the shared bookkeeping (see module doc).
 
     ``step_limit`` (optional, may be a traced int scalar) lowers the step limit below the
     static ``max_steps`` without recompiling; traces keep ``max_steps + 1`` rows.
+    ``causal_axis`` (optional): solve causally along this axis of every leaf (module doc).
     """
     validate(max_steps, tol, stop_mode)
     limit = max_steps if step_limit is None else jnp.clip(jnp.asarray(step_limit, jnp.int32), 0, max_steps)
     dtype = working_dtype([leaf.dtype for leaf in jax.tree.leaves(z0)])
-    z0_mat, ravel, unravel = ravel_batch(z0, dtype)
+    z0_mat, ravel, unravel = ravel_positions(z0, dtype, causal_axis)
     f_mat = _checked_f(f, z0, ravel, unravel)
     batch = z0_mat.shape[0]
     use_rel = stop_mode == "rel"
+    causal = causal_axis is not None
 
     def measure(z, fz):
-        abs_res, rel_res = residual_norms(z, fz)
+        abs_res, rel_res = prefix_residuals(z, fz)
         metric = rel_res if use_rel else abs_res
         finite = jnp.isfinite(metric) & jnp.isfinite(abs_res)
-        return abs_res, rel_res, metric, finite
+        # Position t may stop once every prefix up to t meets tol (T = 1: the example).
+        met = finite & (_cummax(metric) < tol)
+        return abs_res, rel_res, metric, finite, met
 
     fz0 = f_mat(z0_mat)
-    abs0, rel0, metric0, finite0 = measure(z0_mat, fz0)
+    abs0, rel0, metric0, finite0, met0 = measure(z0_mat, fz0)
     nan_trace = jnp.full((max_steps + 1, batch), jnp.nan, dtype)
     state = _Loop(
         k=jnp.int32(0),
         z=z0_mat,
         fz=fz0,
         method_state=method.init(z0_mat, fz0),
-        stopped=(metric0 < tol) | ~finite0,
+        stopped=met0 | ~finite0,
         best_z=z0_mat,
         best_fz=fz0,
         best_metric=jnp.where(finite0, metric0, jnp.inf),
         best_abs=abs0,
         best_rel=rel0,
-        best_step=jnp.zeros((batch,), jnp.int32),
+        best_step=jnp.zeros(metric0.shape, jnp.int32),
         nonfinite=~finite0,
-        abs_trace=nan_trace.at[0].set(abs0),
-        rel_trace=nan_trace.at[0].set(rel0),
+        abs_trace=nan_trace.at[0].set(abs0[:, -1]),
+        rel_trace=nan_trace.at[0].set(rel0[:, -1]),
     )
 
     def cond(s: _Loop):
@@ -238,23 +336,24 @@ def solve(
 
     def body(s: _Loop):
         z_prop, method_state = method.step(s.method_state, s.z, s.fz)
-        frozen = s.stopped[:, None]
+        frozen = s.stopped[..., None]
         z = jnp.where(frozen, s.z, z_prop)
         fz = jnp.where(frozen, s.fz, f_mat(z))
-        abs_res, rel_res, metric, finite = measure(z, fz)
+        abs_res, rel_res, metric, finite, met = measure(z, fz)
         k = s.k + 1
         active = ~s.stopped
         failed = active & ~finite
-        improved = active & finite & (metric < s.best_metric)
-        keep = improved[:, None]
-        # An example that met NaN/Inf goes back to its best iterate and stops.
-        back = failed[:, None]
+        # Causal: always the newest finite iterate (see module doc); else the lowest residual.
+        improved = active & finite if causal else active & finite & (metric < s.best_metric)
+        keep = improved[..., None]
+        # Met NaN/Inf: back to the best (causal: last finite) iterate, and stop.
+        back = failed[..., None]
         return _Loop(
             k=k,
             z=jnp.where(back, s.best_z, z),
             fz=jnp.where(back, s.best_fz, fz),
             method_state=method_state,
-            stopped=s.stopped | failed | (finite & (metric < tol)),
+            stopped=s.stopped | failed | met,
             best_z=jnp.where(keep, z, s.best_z),
             best_fz=jnp.where(keep, fz, s.best_fz),
             best_metric=jnp.where(improved, metric, s.best_metric),
@@ -262,19 +361,20 @@ def solve(
             best_rel=jnp.where(improved, rel_res, s.best_rel),
             best_step=jnp.where(improved, k, s.best_step),
             nonfinite=s.nonfinite | failed,
-            abs_trace=s.abs_trace.at[k].set(abs_res),
-            rel_trace=s.rel_trace.at[k].set(rel_res),
+            abs_trace=s.abs_trace.at[k].set(abs_res[:, -1]),
+            rel_trace=s.rel_trace.at[k].set(rel_res[:, -1]),
         )
 
     s = jax.lax.while_loop(cond, body, state)
+    # The last position's prefix covers the whole example; it is the last to stop.
     return SolverResult(
         z=unravel(s.best_z),
-        n_steps=s.best_step,
-        abs_residual=s.best_abs,
-        rel_residual=s.best_rel,
+        n_steps=s.best_step[:, -1],
+        abs_residual=s.best_abs[:, -1],
+        rel_residual=s.best_rel[:, -1],
         abs_trace=s.abs_trace,
         rel_trace=s.rel_trace,
-        converged=s.best_metric < tol,
-        nonfinite=s.nonfinite,
+        converged=jnp.max(s.best_metric, axis=1) < tol,
+        nonfinite=jnp.any(s.nonfinite, axis=1),
         f_evals=s.k + 1,
     )

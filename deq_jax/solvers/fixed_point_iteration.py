@@ -25,6 +25,7 @@ def fixed_point_iteration(
     tol: float = 1e-3,
     stop_mode: str = "rel",
     step_limit=None,
+    causal_axis: int | None = None,
     damping: float = 0.0,
 ) -> base.SolverResult:
     """Solves ``z = f(z)`` per example by iterating ``f``.
@@ -36,6 +37,8 @@ def fixed_point_iteration(
       f, z0, max_steps, tol, stop_mode: as for :func:`deq_jax.solvers.broyden`.
       step_limit: optional int (may be traced, e.g. under ``jit``) that lowers the
         step limit to ``min(step_limit, max_steps)`` without recompiling.
+      causal_axis: as for :func:`deq_jax.solvers.broyden`; iteration mixes no positions,
+        so this changes only the stopping (per prefix) and the returned iterate (the last).
       damping: weight of the old iterate; 0 is plain iteration.
 
     Returns:
@@ -43,4 +46,4 @@ def fixed_point_iteration(
     """
     if not 0 <= damping < 1:
         raise ValueError(f"damping must be in [0, 1), got {damping!r}")
-    return base.solve(_method(damping), f, z0, max_steps, tol, stop_mode, step_limit)
+    return base.solve(_method(damping), f, z0, max_steps, tol, stop_mode, step_limit, causal_axis)
