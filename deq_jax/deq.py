@@ -101,19 +101,22 @@ class BackwardStats(NamedTuple):
 
     ``n_steps``: adjoint solver updates (for :class:`Phantom`, its ``steps``);
     ``abs_residual``/``rel_residual``: of the adjoint equation at the returned u
-    (NaN for :class:`Phantom`, which solves no equation); ``converged``: 1.0 or 0.0.
+    (NaN for :class:`Phantom`, which solves no equation); ``converged``: 1.0 or 0.0;
+    ``vjp_evals``: VJPs of f the backward pass evaluated on the batch (the same for every
+    example: the batched loop runs until its slowest example stops).
     """
 
     n_steps: Array
     abs_residual: Array
     rel_residual: Array
     converged: Array
+    vjp_evals: Array
 
     @classmethod
     def zeros(cls, batch_size: int, dtype=jnp.float32) -> "BackwardStats":
         """A probe to pass as ``fixed_point(..., probe=...)``; its gradient is the stats."""
         zero = jnp.zeros((batch_size,), dtype)
-        return cls(zero, zero, zero, zero)
+        return cls(zero, zero, zero, zero, zero)
 
 
 DEFAULT_FORWARD = SolverConfig("broyden", max_steps=30, tol=1e-3)
@@ -205,6 +208,7 @@ def _stats_of(result: base.SolverResult) -> BackwardStats:
         abs_residual=result.abs_residual.astype(jnp.float32),
         rel_residual=result.rel_residual.astype(jnp.float32),
         converged=result.converged.astype(jnp.float32),
+        vjp_evals=jnp.broadcast_to(result.f_evals, result.n_steps.shape).astype(jnp.float32),
     )
 
 
@@ -228,6 +232,7 @@ def _phantom_vjp(f, phantom, params, x, z_star, g):
         abs_residual=jnp.full((batch,), jnp.nan, jnp.float32),
         rel_residual=jnp.full((batch,), jnp.nan, jnp.float32),
         converged=jnp.zeros((batch,), jnp.float32),
+        vjp_evals=jnp.full((batch,), phantom.steps, jnp.float32),
     )
     return vjp_px(g), stats
 

@@ -74,9 +74,11 @@ def test_uniform_model_has_perplexity_equal_to_the_vocabulary_size():
     }
     rows = loop.evaluate(eval_fns, params, task, c, mesh, step=0, final=True)
     v = task.data.vocab_size
+    # XLA CPU's fused float32 log/exp are approximations: log(V) comes out 4e-6 high
+    # (relative), so exp(loss) is V to 2e-5, not to float32 rounding.
     for row in rows:
-        assert row["perplexity"] == pytest.approx(v, rel=1e-5)
-        assert row["bpc"] == pytest.approx(np.log2(v), rel=1e-6)
+        assert row["perplexity"] == pytest.approx(v, rel=5e-5)
+        assert row["bpc"] == pytest.approx(np.log2(v), rel=1e-5)
     assert [r["split"] for r in rows] == ["valid", "valid", "valid", "test"]
     assert [r.get("budget") for r in rows if r["kind"] == "budget"] == [2, 6]
 

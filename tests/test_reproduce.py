@@ -119,7 +119,8 @@ def test_budgets_and_schedules_scripts_read_finished_runs(tmp_path, lm_run):
     assert b["quality"] == [summary["budgets"][k]["bpc"] for k in ("1", "2", "4")]
     assert "| JR γ = 1 |" in (tmp_path / "b" / "results.md").read_text()
     (s,) = schedules.run(str(tmp_path / "s"), [lm_run])
-    assert s["train_steps"] == [2, 4] and s["gamma"] == [1.0, 1.0] and s["final"] == summary["valid_bpc"]
+    # The first row is pretraining, whose JR weight is jr.pretrain_gamma (0).
+    assert s["train_steps"] == [2, 4] and s["gamma"] == [0.0, 1.0] and s["final"] == summary["valid_bpc"]
     for path in ("b/quality.png", "b/residual.png", "s/gamma.png", "s/train_residual.png"):
         assert (tmp_path / path).stat().st_size > 10_000
 

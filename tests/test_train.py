@@ -147,25 +147,72 @@ def test_train_step_decreases_the_loss_and_never_retraces():
 
 
 def test_jr_term_is_present_exactly_when_it_should_be():
-    """JR enters the update exactly when gamma > 0 and the step's coin says so."""
+    """JR enters the update exactly when the mode's weight is > 0 and the step's coin says
+    so. While pretraining the weight is ``jr.pretrain_gamma`` (default 0, as in the official
+    code), never ``jr.gamma``; the unrolled step compiles fastest. SGD without warm-up, so
+    the first update is proportional to the gradient."""
     images, labels = fixed_batch()
-    # JR applies in both modes; the unrolled (pretraining) step compiles fastest. SGD
-    # without warm-up, so the first update is proportional to the gradient.
     params = {}
-    for prob, gamma, applied in [(1.0, 2.0, True), (0.0, 2.0, False), (1.0, 0.0, False)]:
-        c = small_config(jr={"prob": prob, "gamma": gamma}, optim={"name": "sgd", "warmup_steps": 0})
+    cases = [(1.0, 2.0, 0.0, False), (1.0, 0.0, 2.0, True), (0.0, 0.0, 2.0, False), (1.0, 0.0, 0.0, False)]
+    for prob, gamma, pretrain_gamma, applied in cases:
+        c = small_config(jr={"prob": prob, "gamma": gamma, "pretrain_gamma": pretrain_gamma},
+                         optim={"name": "sgd", "warmup_steps": 0})
         _, _, state, train_step = build(c, mode="unrolled")
         new_state, metrics = train_step(state, images, labels)
         assert float(metrics["jr_applied"]) == float(applied)
         assert np.isfinite(float(metrics["jr"])) == applied
-        params[prob, gamma] = new_state.params
-    # Not applied (coin says no, or gamma = 0): the same update; applied: a different one.
-    chex.assert_trees_all_close(params[0.0, 2.0], params[1.0, 0.0])
-    diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), params[1.0, 2.0]["fuse"], params[1.0, 0.0]["fuse"])
+        assert float(metrics["gamma"]) == pretrain_gamma
+        params[prob, gamma, pretrain_gamma] = new_state.params
+    # Not applied (gamma only, the coin says no, or no weight): the same update; applied: another.
+    chex.assert_trees_all_close(params[1.0, 2.0, 0.0], params[0.0, 0.0, 2.0], params[1.0, 0.0, 0.0])
+    diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), params[1.0, 0.0, 2.0]["fuse"],
+                        params[1.0, 0.0, 0.0]["fuse"])
     assert max(jax.tree.leaves(diff)) > 0
-    # The applied fraction over many steps follows jr.prob.
-    coins = [step_lib.step_randomness(0, jnp.int32(t), 16, 0.5, 5, 1)[0] for t in range(400)]
-    assert 0.4 < float(np.mean(coins)) < 0.6
+
+
+def _randomness(steps=range(400), **overrides):
+    c = config_lib.resolve(small_config(**overrides))
+    draws = [step_lib.step_randomness(c.seed, jnp.int32(t), 16, c)[:2] for t in steps]
+    return np.array([bool(a) for a, _ in draws]), np.array([int(limit) for _, limit in draws])
+
+
+def test_jr_coin_follows_its_probability_and_stops_at_stop_step():
+    coins, _ = _randomness(jr={"prob": 0.5})
+    assert 0.4 < coins.mean() < 0.6
+    coins, _ = _randomness(jr={"prob": 0.5, "stop_step": 100})
+    assert coins[:100].any() and not coins[100:].any()
+
+
+def test_random_step_limit_rules():
+    """DEQ-Sequence rule: limit - U{0..2} on every step. MDEQ rule: limit + U{-2..+1} on
+    JR steps only, the configured limit otherwise (locuslab/deq, cls_function.py)."""
+    coins, limits = _randomness(forward={"max_steps": 5, "random_lower": 2, "random_lower_rule": "every_step"})
+    assert set(limits) == {3, 4, 5}
+    assert set(limits[~coins]) == {3, 4, 5}  # also on steps without JR
+    coins, limits = _randomness(forward={"max_steps": 5, "random_lower": 2, "random_lower_rule": "jr_steps"})
+    assert set(limits[~coins]) == {5}
+    assert set(limits[coins]) == {3, 4, 5, 6}
+    counts = np.bincount(limits[coins] - 3)
+    assert counts.min() > 0.15 * coins.sum()  # roughly uniform over the four values
+    # No JR weight: no JR steps, so the MDEQ rule never changes the limit.
+    c = config_lib.resolve(small_config(jr={"gamma": 0.0}, forward={"random_lower_rule": "jr_steps"}))
+    limits = [int(step_lib.step_randomness(0, jnp.int32(t), 16, c, step_lib.jr_weight_enabled(c, "deq"))[1])
+              for t in range(50)]
+    assert set(limits) == {5}
+
+
+def test_mdeq_rule_raises_the_limit_without_recompiling():
+    """The +1 of the MDEQ rule needs one step of headroom in the static solver limit."""
+    c, _, state, train_step = build(small_config(forward={"random_lower": 1, "random_lower_rule": "jr_steps"},
+                                                 jr={"prob": 1.0}, backward={"mode": "phantom"}))
+    images, labels = fixed_batch()
+    seen = set()
+    for _ in range(6):
+        state, metrics = train_step(state, images, labels)
+        seen.add(float(metrics["step_limit"]))
+        assert float(metrics["fwd_nfe"]) <= float(metrics["step_limit"]) + 1
+    assert seen <= {4.0, 5.0, 6.0} and 6.0 in seen, seen
+    assert train_step._cache_size() == 1
 
 
 def test_jr_gradient_reaches_the_cell_parameters():
@@ -206,6 +253,16 @@ for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4), strict=True):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 for k in m1:
     np.testing.assert_allclose(m1[k], m4[k], rtol=1e-3, atol=1e-5, err_msg=k)
+# Evaluation: Jacobian probes and power-method starts follow each example's index in the
+# evaluation set, so 1 and 4 devices report the same norms.
+sums = {{}}
+for n in (1, 4):
+    cc, model, _, _ = build(c, mode="deq", devices=jax.devices()[:n])
+    eval_step = step_lib.make_eval_step(model, cc, step_lib.make_mesh(jax.devices()[:n]), with_jacobian=True)
+    sums[n] = jax.device_get(eval_step(p1, np.int32(5), images, labels, np.ones(16, np.float32), np.int32(32)))
+for k in ("jac", "spectral", "loss", "residual"):
+    np.testing.assert_allclose(sums[1][k], sums[4][k], rtol=1e-4, err_msg=k)
+assert sums[1]["spectral"] > 0
 try:
     step_lib.check_batch(10, step_lib.make_mesh())
 except ValueError as e:

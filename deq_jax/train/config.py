@@ -16,6 +16,7 @@ from deq_jax.data.pipeline import IMAGE_DATA
 from deq_jax.data.text import TEXT_DATA
 
 SCHEDULES = ("constant", "staircase", "adaptive")
+RANDOM_LOWER_RULES = ("every_step", "jr_steps")
 BACKWARD_MODES = ("implicit", "phantom")
 OPTIMIZERS = ("adam", "sgd")
 
@@ -56,7 +57,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.forward.max_steps = 12
     c.forward.tol = 1e-3
     c.forward.stop_mode = "rel"
-    c.forward.random_lower = 2  # lower the step limit by 0..random_lower each step
+    c.forward.random_lower = 2  # random change of the step limit, see random_lower_rule
+    # "every_step" (DEQ-Sequence): limit - U{0..random_lower} on every DEQ step;
+    # "jr_steps" (MDEQ-Vision): limit + U{-random_lower..+1} on steps that apply JR only.
+    c.forward.random_lower_rule = "every_step"
+    c.forward.causal = True  # text models: solve causally along the sequence (no effect on images)
 
     c.backward = ml_collections.ConfigDict()
     c.backward.mode = "implicit"  # "implicit" (adjoint solve) or "phantom"
@@ -69,6 +74,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.jr = ml_collections.ConfigDict()
     c.jr.gamma = 1.0  # weight of ||J_f(z*)||_F^2 / d in the loss; 0 disables JR
+    c.jr.pretrain_gamma = 0.0  # JR weight while pretraining (unrolled); the official code's default 0
+    c.jr.stop_step = -1  # JR is off from this global step on (-1: never stops)
     c.jr.num_probes = 1
     c.jr.prob = 0.5  # probability of applying JR at a step
     c.jr.schedule = "constant"  # constant | staircase | adaptive
@@ -97,6 +104,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.max_steps = 30  # generous limit for "steps needed to reach tol"
     c.eval.budgets = "all"  # "all" = 1..forward.max_steps, or "1,2,4,8"
     c.eval.jac_probes = 4
+    c.eval.spectral_iters = 100  # power-method VJPs for the spectral radius of J_f(z*); 0 skips it
 
     c.multihost = False  # call jax.distributed.initialize() first
     return c
@@ -180,9 +188,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
         0 <= c.forward.random_lower < c.forward.max_steps,
         "forward.random_lower must be in [0, forward.max_steps)",
     )
+    _require(
+        c.forward.random_lower_rule in RANDOM_LOWER_RULES,
+        f"forward.random_lower_rule must be one of {RANDOM_LOWER_RULES}, got {c.forward.random_lower_rule!r}",
+    )
+    _require(isinstance(c.forward.causal, bool), f"forward.causal must be True or False, got {c.forward.causal!r}")
     _require(c.backward.mode in BACKWARD_MODES, f"backward.mode must be one of {BACKWARD_MODES}")
     j = c.jr
     _require(j.gamma >= 0, f"jr.gamma must be >= 0, got {j.gamma}")
+    _require(j.pretrain_gamma >= 0, f"jr.pretrain_gamma must be >= 0, got {j.pretrain_gamma}")
+    _require(j.stop_step == -1 or j.stop_step >= 0, f"jr.stop_step must be -1 (never) or a step >= 0, got {j.stop_step}")
     _require(j.num_probes >= 1, "jr.num_probes must be >= 1")
     _require(0 <= j.prob <= 1, f"jr.prob must be in [0, 1], got {j.prob}")
     _require(j.schedule in SCHEDULES, f"jr.schedule must be one of {SCHEDULES}, got {j.schedule!r}")
@@ -195,6 +210,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(o.learning_rate > 0 and o.warmup_steps >= 0, "optim.learning_rate must be > 0, warmup_steps >= 0")
     _require(o.weight_decay >= 0 and o.clip_norm >= 0, "optim.weight_decay and optim.clip_norm must be >= 0")
     _require(c.eval.batch_size >= 1 and c.eval.jac_probes >= 1, "eval.batch_size and eval.jac_probes must be >= 1")
+    _require(
+        c.eval.spectral_iters == 0 or c.eval.spectral_iters >= 2,
+        f"eval.spectral_iters must be 0 (off) or >= 2, got {c.eval.spectral_iters}",
+    )
     _require(c.eval.max_steps >= c.forward.max_steps, "eval.max_steps must be >= forward.max_steps")
     budgets(c)
 

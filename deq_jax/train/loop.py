@@ -28,7 +28,7 @@ from deq_jax.train.metrics import MetricsWriter, read
 from deq_jax.train.optim import make_optimizer
 from deq_jax.train.tasks import Task, make_task
 
-TIMING_KEYS = ("step_time", "examples_per_s", "train_time_s")
+TIMING_KEYS = ("step_time", "examples_per_s", "train_time_s", "device_peak_mb")
 SHORT = {"accuracy": "acc", "perplexity": "ppl", "bpc": "bpc"}  # progress-bar names
 
 
@@ -78,9 +78,10 @@ def evaluate(eval_fns, params, task: Task, c, mesh, step: int, final: bool) -> l
         return [tuple(_global_array(a, data_sharding) for a in batch) for batch in task.eval_sets[split]()]
 
     def run(fn, limit, batches):
-        totals = {}
+        totals, first = {}, 0
         for inputs, targets, weights in batches:
-            sums = fn(params, np.int32(limit), inputs, targets, weights)
+            sums = fn(params, np.int32(limit), inputs, targets, weights, np.int32(first))
+            first += len(inputs)
             for k, v in jax.device_get(sums).items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         n, m = totals.pop("count"), totals.pop("examples")
@@ -92,7 +93,8 @@ def evaluate(eval_fns, params, task: Task, c, mesh, step: int, final: bool) -> l
             "steps": totals["steps"] / m,
             "converged": totals["converged"] / m,
             "residual": totals["residual"] / m,
-            **({"jac": totals["jac"] / m} if "jac" in totals else {}),
+            "nfe": totals["nfe"] / len(batches),  # per batch, as the batched loop runs
+            **{k: totals[k] / m for k in ("jac", "spectral") if k in totals},
         }
 
     split = task.eval_split
@@ -189,12 +191,18 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
         dynamic_ncols=True,
     )
     history, tick = [], time.perf_counter()
+    compiled, compile_s, step_mb = {}, {}, {}
     for s in range(start, c.train.num_steps):
         inputs, targets = task.train_batch(s)
         mode = "unrolled" if s < c.train.pretrain_steps else "deq"
-        state, metrics = steps[mode](
-            state, _global_array(inputs, data_sharding), _global_array(targets, data_sharding)
-        )
+        inputs, targets = _global_array(inputs, data_sharding), _global_array(targets, data_sharding)
+        if mode not in compiled:  # compiled ahead of time, so that training time excludes it
+            t0 = time.perf_counter()
+            compiled[mode] = steps[mode].lower(state, inputs, targets).compile()
+            compile_s[mode] = time.perf_counter() - t0
+            step_mb[mode] = _executable_mb(compiled[mode])
+            tick += compile_s[mode]
+        state, metrics = compiled[mode](state, inputs, targets)
         history.append(metrics)
         bar.update(1)
         done_steps = s + 1
@@ -207,6 +215,8 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
                 "step_time": elapsed / len(history),
                 "examples_per_s": len(history) * c.train.batch_size / elapsed,
                 "train_time_s": train_time,
+                "step_memory_mb": step_mb[mode],
+                "device_peak_mb": _device_peak_mb(),
             }
             if lead:
                 writer.write({"step": done_steps, "kind": "train", "mode": mode, **row})
@@ -234,19 +244,50 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
                 bar.write(
                     f"step {done_steps}: {task.eval_split} {_quality(rows[0], task)} | fwd steps {rows[0]['steps']:.2f} "
                     f"(to tol {rows[0]['steps_to_tol']:.2f}) | rel residual {rows[0]['residual']:.2e} | "
-                    f"||J||_F^2/d {rows[0]['jac']:.3e}"
+                    f"||J||_F^2/d {rows[0]['jac']:.3e}" + (f" | rho {rows[0]['spectral']:.3f}" if "spectral" in rows[0] else "")
                 )
             tick += time.perf_counter() - t0  # evaluation time is not training time
         if lead and (done_steps % c.train.checkpoint_every == 0 or final):
             checkpoint.save(run_dir, done_steps, state, c.train.keep_checkpoints)
     bar.close()
-    return _finish(run_dir, lead, task)
+    return _finish(run_dir, lead, task, compile_s)
 
 
 QUALITY_KEYS = ("accuracy", "loss", "perplexity", "bpc")
 
 
-def _finish(run_dir: Path, lead: bool, task: Task) -> dict:
+def _executable_mb(executable) -> float:
+    """Memory one call of a compiled step needs by XLA's own analysis (arguments, outputs
+    and temporaries, less donated buffers), in MiB; NaN where the backend gives none."""
+    m = executable.memory_analysis()
+    if m is None:
+        return float("nan")
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return total / 2**20
+
+
+def _device_peak_mb() -> float:
+    """Peak memory in use on the first local device so far (MiB); NaN where the platform
+    reports none (CPU)."""
+    stats = jax.local_devices()[0].memory_stats()
+    if not stats or "peak_bytes_in_use" not in stats:
+        return float("nan")
+    return stats["peak_bytes_in_use"] / 2**20
+
+
+def _per_mode(train_rows: list[dict]) -> dict:
+    """Training time (compilation excluded) and XLA's memory of one step, per mode."""
+    time_s, memory = {}, {}
+    previous = 0
+    for r in train_rows:
+        time_s[r["mode"]] = time_s.get(r["mode"], 0.0) + r["step_time"] * (r["step"] - previous)
+        if r.get("step_memory_mb") is not None:
+            memory[r["mode"]] = r["step_memory_mb"]
+        previous = r["step"]
+    return {"train_time_s_by_mode": time_s, "step_memory_mb": memory}
+
+
+def _finish(run_dir: Path, lead: bool, task: Task, compile_s: dict) -> dict:
     rows = read(run_dir / "metrics.jsonl")
     last_step = max(r["step"] for r in rows)
     final = next(r for r in rows if r["kind"] == "eval" and r["step"] == last_step)
@@ -267,7 +308,11 @@ def _finish(run_dir: Path, lead: bool, task: Task) -> dict:
         "converged_to_tol": final["converged_to_tol"],
         "residual_at_limit": final["residual"],
         "jacobian_frobenius_sq_per_dim": final["jac"],
+        "spectral_radius": final.get("spectral"),
+        "fwd_nfe_per_batch": final["nfe"],
         "train_time_s": train_rows[-1]["train_time_s"],
+        **_per_mode(train_rows),
+        "compile_s": compile_s,
         "budgets": {
             r["budget"]: {k: r[k] for k in QUALITY_KEYS + ("residual",) if k in r}
             for r in rows if r["kind"] == "budget" and r["step"] == last_step
@@ -289,5 +334,7 @@ def describe(summary: dict) -> str:
     return (
         f"{quality} | forward steps at limit {summary['fwd_steps_at_limit']:.2f}, "
         f"to tol {summary['fwd_steps_to_tol']:.2f} | residual {summary['residual_at_limit']:.2e} | "
-        f"||J||_F^2/d {summary['jacobian_frobenius_sq_per_dim']:.3e} | train time {summary['train_time_s']:.0f} s"
+        f"||J||_F^2/d {summary['jacobian_frobenius_sq_per_dim']:.3e}"
+        + (f" | rho {summary['spectral_radius']:.3f}" if summary.get("spectral_radius") is not None else "")
+        + f" | train time {summary['train_time_s']:.0f} s (compilation excluded)"
     )

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from deq_jax import deq, jacobian
+from deq_jax.data.text import TEXT_DATA
 from deq_jax.solvers import base
 
 Array = jax.Array
@@ -31,13 +32,19 @@ class Solvers(NamedTuple):
 
 
 def solvers_from_config(c) -> Solvers:
+    """The run's solvers. Text models solve causally along the sequence (axis 1 of the
+    ``[B, T, D]`` state) when ``forward.causal`` is set, in training, evaluation and
+    sampling alike; the backward (adjoint) solve needs no causality."""
     f, b = c.forward, c.backward
-    forward = deq.SolverConfig(f.solver, f.max_steps, f.tol, f.stop_mode)
+    causal_axis = 1 if (f.causal and c.data.name in TEXT_DATA) else None
+    # The MDEQ rule of random step limits may raise the limit by one (traced step_limit).
+    headroom = 1 if (f.random_lower_rule == "jr_steps" and f.random_lower > 0) else 0
+    forward = deq.SolverConfig(f.solver, f.max_steps + headroom, f.tol, f.stop_mode, causal_axis=causal_axis)
     if b.mode == "implicit":
         backward = deq.SolverConfig(b.solver, b.max_steps, b.tol, b.stop_mode)
     else:
         backward = deq.Phantom(b.phantom_steps, b.phantom_damping)
-    eval_forward = deq.SolverConfig(f.solver, c.eval.max_steps, f.tol, f.stop_mode)
+    eval_forward = deq.SolverConfig(f.solver, c.eval.max_steps, f.tol, f.stop_mode, causal_axis=causal_axis)
     return Solvers(forward, backward, eval_forward, c.train.pretrain_layers)
 
 

@@ -6,12 +6,14 @@
 Each new token needs the equilibrium of the whole context window (a DEQ keeps no cache
 of past states), solved with the run's trained forward solver and step limit. The
 context is the last ``train.seq_len`` tokens, left-aligned in a fixed-size window so
-that one compiled function serves every step; causality makes the padding after the
-last real token irrelevant to its logits (up to the solver's tolerance).
+that one compiled function serves every step. With the default causal solver
+(``forward.causal``) the padding after the last real token cannot change its logits at
+all; an ordinary solver would let it leak in before convergence.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -57,7 +59,8 @@ def next_token_logits_fn(task: Task, c):
     One function per (model, forward solver): repeated :func:`generate` calls on the same
     run compile once.
     """
-    return _logits_fn(task.model, objective.solvers_from_config(c).forward)
+    forward = objective.solvers_from_config(c).forward
+    return _logits_fn(task.model, dataclasses.replace(forward, max_steps=c.forward.max_steps))
 
 
 @functools.lru_cache(maxsize=8)

@@ -24,7 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deq_jax import deq
+from deq_jax import deq, jacobian
 from deq_jax.train import objective, schedules
 
 Array = jax.Array
@@ -54,17 +54,44 @@ def check_batch(batch_size: int, mesh: Mesh, what: str = "train.batch_size") -> 
         )
 
 
-def step_randomness(seed: int, step: Array, batch: int, prob: float, max_steps: int, random_lower: int):
-    """``(apply_jr, step_limit, example_keys)`` of global step ``step``."""
+def step_randomness(seed: int, step: Array, batch: int, c, jr_enabled: bool = True):
+    """``(apply_jr, step_limit, example_keys)`` of global step ``step`` under config ``c``.
+
+    ``apply_jr``: the step's coin (probability ``jr.prob``); false when ``jr_enabled`` is
+    (the mode's JR weight is 0) and from ``jr.stop_step`` on. ``step_limit``: the forward
+    limit of a DEQ step, ``forward.max_steps`` changed by the rule
+    ``forward.random_lower_rule``: ``"every_step"`` (DEQ-Sequence) lowers it by
+    U{0..random_lower} on every step; ``"jr_steps"`` (MDEQ-Vision) changes it by
+    U{-random_lower..+1} on steps that apply JR only. ``example_keys``: ``[batch]`` keys.
+    """
     key = jax.random.fold_in(jax.random.key(seed), step)
-    apply_jr = jax.random.bernoulli(jax.random.fold_in(key, 0), prob)
-    lower = jax.random.randint(jax.random.fold_in(key, 1), (), 0, random_lower + 1)
+    apply_jr = jax.random.bernoulli(jax.random.fold_in(key, 0), c.jr.prob) & jr_enabled
+    if c.jr.stop_step >= 0:
+        apply_jr = apply_jr & (step < c.jr.stop_step)
+    change_key, r = jax.random.fold_in(key, 1), c.forward.random_lower
+    if c.forward.random_lower_rule == "every_step":
+        change = -jax.random.randint(change_key, (), 0, r + 1)
+    else:
+        change = jnp.where(apply_jr & (r > 0), jax.random.randint(change_key, (), -r, 2), 0)
     example_keys = jax.random.split(jax.random.fold_in(key, 2), batch)
-    return apply_jr, max_steps - lower, example_keys
+    return apply_jr, (c.forward.max_steps + change).astype(jnp.int32), example_keys
+
+
+def jr_weight_enabled(c, mode: str) -> bool:
+    """Whether JR can apply in ``mode`` at all (static): ``jr.pretrain_gamma > 0`` while
+    pretraining (the official default is 0: JR starts with the DEQ phase), and
+    ``jr.gamma > 0`` or a schedule that can raise it in DEQ mode."""
+    if mode == "unrolled":
+        return c.jr.pretrain_gamma > 0
+    return c.jr.gamma > 0 or c.jr.schedule != "constant"
 
 
 def _mean(x):
     return jax.lax.pmean(jnp.mean(x.astype(jnp.float32)), DATA)
+
+
+def _max(x):
+    return jax.lax.pmax(jnp.max(x.astype(jnp.float32)), DATA)
 
 
 def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: Callable, mesh: Mesh, mode: str):
@@ -73,14 +100,17 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
     ``mode``: ``"deq"`` or ``"unrolled"`` (pretraining). ``inputs``/``targets`` are the
     global batch (images ``[B, H, W, C]`` and labels ``[B]``, or tokens ``[B, T]`` and
     next tokens ``[B, T]``), sharded (or shardable) along ``data``. ``metrics`` is a dict
-    of float32 scalars: loss (task, mean over targets), accuracy, jr (NaN when not applied), gamma, lr,
-    jr_applied, step_limit, fwd_steps, fwd_residual, fwd_converged, bwd_steps,
-    bwd_residual (solver ones NaN in pretraining).
+    of float32 scalars: loss (task, mean over targets), accuracy, jr (NaN when not
+    applied), gamma (the JR weight of this step: ``jr.pretrain_gamma`` while pretraining),
+    lr, jr_applied, step_limit, fwd_steps, fwd_residual, fwd_converged, bwd_steps,
+    bwd_residual (per-example means), fwd_nfe and bwd_nfe (f and VJP evaluations of the
+    batched solver loops, which run until their slowest example stops; the most over
+    devices); the solver ones are NaN in pretraining.
     """
     setup = objective.solvers_from_config(c)
     schedule = schedules.from_config(c)
     implicit = isinstance(setup.backward, deq.SolverConfig)
-    gamma_enabled = c.jr.gamma > 0 or c.jr.schedule != "constant"
+    gamma_enabled = jr_weight_enabled(c, mode)
     nan = jnp.float32(jnp.nan)
 
     def local(params, gamma, apply_jr, step_limit, inputs, targets, keys):
@@ -121,7 +151,7 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
         metrics = {
             "loss": _mean(task),
             "accuracy": _mean(accuracy),
-            "jr": jnp.where(apply_jr & gamma_enabled, _mean(jr), nan),
+            "jr": jnp.where(apply_jr, _mean(jr), nan),
         }
         if out.result is not None:
             r = out.result
@@ -131,15 +161,21 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
                 "fwd_steps": _mean(steps),
                 "fwd_residual": _mean(r.rel_residual),
                 "fwd_converged": _mean(r.converged),
+                "fwd_nfe": _max(r.f_evals),
             }
         else:
-            metrics |= {"fwd_steps": nan, "fwd_residual": nan, "fwd_converged": nan}
+            metrics |= {"fwd_steps": nan, "fwd_residual": nan, "fwd_converged": nan, "fwd_nfe": nan}
         if probe_grad is not None:
-            metrics |= {"bwd_steps": _mean(probe_grad.n_steps), "bwd_residual": _mean(probe_grad.rel_residual)}
+            metrics |= {
+                "bwd_steps": _mean(probe_grad.n_steps),
+                "bwd_residual": _mean(probe_grad.rel_residual),
+                "bwd_nfe": _max(probe_grad.vjp_evals),
+            }
         elif mode == "deq":
-            metrics |= {"bwd_steps": jnp.float32(setup.backward.steps), "bwd_residual": nan}
+            steps = jnp.float32(setup.backward.steps)
+            metrics |= {"bwd_steps": steps, "bwd_residual": nan, "bwd_nfe": steps}
         else:
-            metrics |= {"bwd_steps": nan, "bwd_residual": nan}
+            metrics |= {"bwd_steps": nan, "bwd_residual": nan, "bwd_nfe": nan}
         return grads, metrics
 
     sharded_local = jax.shard_map(
@@ -151,12 +187,12 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
     )
 
     def train_step(state: TrainState, inputs: Array, targets: Array):
-        apply_jr, step_limit, keys = step_randomness(
-            c.seed, state.step, inputs.shape[0], c.jr.prob, c.forward.max_steps, c.forward.random_lower
-        )
+        apply_jr, step_limit, keys = step_randomness(c.seed, state.step, inputs.shape[0], c, gamma_enabled)
         if mode != "deq":
             step_limit = jnp.int32(c.forward.max_steps)
-        gamma = state.gamma.gamma
+            gamma = jnp.float32(c.jr.pretrain_gamma)
+        else:
+            gamma = state.gamma.gamma
         grads, metrics = sharded_local(state.params, gamma, apply_jr, step_limit, inputs, targets, keys)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -170,7 +206,7 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
         metrics |= {
             "gamma": gamma,
             "lr": jnp.asarray(lr(state.step), jnp.float32),
-            "jr_applied": apply_jr.astype(jnp.float32) * gamma_enabled,
+            "jr_applied": apply_jr.astype(jnp.float32),
             "step_limit": step_limit.astype(jnp.float32),
             "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
         }
@@ -187,18 +223,24 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
 
 
 def make_eval_step(model: nn.Module, c, mesh: Mesh, with_jacobian: bool):
-    """Jitted ``eval_step(params, step_limit, inputs, targets, weights) -> sums``.
+    """Jitted ``eval_step(params, step_limit, inputs, targets, weights, first_index) -> sums``.
 
     Runs the forward solve with ``eval.max_steps`` lowered to ``step_limit`` (traced:
     one compilation for every budget). ``weights`` has the targets' shape (``[B]`` for
-    images, ``[B, T]`` for text; 0 marks padding). Returns float32 sums over the batch:
+    images, ``[B, T]`` for text; 0 marks padding). ``first_index``: the position of the
+    batch's first example in the evaluation set. Returns float32 sums over the batch:
     per target ``count, correct, loss``; per example (one holding any real target)
-    ``examples, steps, converged, residual`` (+ ``jac`` if ``with_jacobian``: Hutchinson
-    ``||J_f(z*)||_F^2 / d`` with ``eval.jac_probes`` probes).
+    ``examples, steps, converged, residual`` (+ with ``with_jacobian``: ``jac``, the
+    Hutchinson ``||J_f(z*)||_F^2 / d`` with ``eval.jac_probes`` probes, and ``spectral``,
+    the power-method spectral radius of J_f(z*) with ``eval.spectral_iters`` VJPs, if
+    not 0); and ``nfe``, the f evaluations of the solver loop (the most over devices).
+    Probes and power-method starts come from each example's index in the evaluation set,
+    so the numbers do not depend on the number of devices.
     """
     setup = objective.solvers_from_config(c)
+    f = objective.cell_fn(model)
 
-    def local(params, step_limit, inputs, targets, weights):
+    def local(params, step_limit, inputs, targets, weights, first_index):
         out = objective.forward(model, params, inputs, mode="deq", config=setup.eval_forward, step_limit=step_limit)
         r = out.result
         example = (weights.reshape(weights.shape[0], -1).max(axis=1) > 0).astype(jnp.float32)
@@ -212,20 +254,37 @@ def make_eval_step(model: nn.Module, c, mesh: Mesh, with_jacobian: bool):
             "residual": r.rel_residual * example,
         }
         if with_jacobian:
-            keys = jax.random.split(jax.random.key(c.seed + 1), inputs.shape[0])
+            batch = inputs.shape[0]
+            index = first_index + jax.lax.axis_index(DATA) * batch + jnp.arange(batch)
+            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(c.seed + 1), i))(index)
             sums["jac"] = objective.jacobian_penalty(model, params, out.x, out.z, keys, c.eval.jac_probes) * example
-        return {k: jax.lax.psum(jnp.sum(v.astype(jnp.float32)), DATA) for k, v in sums.items()}
+            if c.eval.spectral_iters:
+                z = jax.lax.stop_gradient(out.z)
+                power_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+                radius = jacobian.spectral_radius(lambda zz: f(params, out.x, zz), z, power_keys, c.eval.spectral_iters)
+                sums["spectral"] = radius * example
+        totals = {k: jax.lax.psum(_sum_per_example(v), DATA) for k, v in sums.items()}
+        return totals | {"nfe": jax.lax.pmax(r.f_evals.astype(jnp.float32), DATA)}
 
     sharded = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(P(), P(), P(DATA), P(DATA), P(DATA)),
+        in_specs=(P(), P(), P(DATA), P(DATA), P(DATA), P()),
         out_specs=P(),
         check_vma=False,
     )
     replicated = NamedSharding(mesh, P())
     data = NamedSharding(mesh, P(DATA))
-    return jax.jit(sharded, in_shardings=(replicated, replicated, data, data, data), out_shardings=replicated)
+    return jax.jit(
+        sharded, in_shardings=(replicated, replicated, data, data, data, replicated), out_shardings=replicated
+    )
+
+
+def _sum_per_example(v: Array) -> Array:
+    """Sum of a ``[B]`` or ``[B, T]`` array in float32: each example's terms first, then the
+    examples (two short sums rather than one long running sum over every token)."""
+    v = v.astype(jnp.float32)
+    return jnp.sum(jnp.sum(v.reshape(v.shape[0], -1), axis=1))
 
 
 def init_state(model: nn.Module, c, tx: optax.GradientTransformation, sample_input, mesh: Mesh) -> TrainState:

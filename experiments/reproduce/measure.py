@@ -19,6 +19,7 @@ For each example of the first ``batches`` evaluation batches (at most ``max_exam
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -36,7 +37,8 @@ def make_measure(task, c, steps: int, *, jacobian: bool = False, probes: int = 8
 
     Runs of the same model and solvers share one function (compiled once).
     """
-    forward = deq_jax.SolverConfig(c.forward.solver, steps, NEVER, c.forward.stop_mode)
+    # The run's forward solver (causal for text models unless the run turned it off).
+    forward = dataclasses.replace(objective.solvers_from_config(c).forward, max_steps=steps, tol=NEVER)
     backward = deq_jax.SolverConfig(c.backward.solver, steps, NEVER, c.backward.stop_mode)
     return _make(task.model, forward, backward, jacobian, probes, power_iters)
 
