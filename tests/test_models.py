@@ -8,7 +8,7 @@ import pytest
 
 from deq_jax.models import MDEQ, SIZES, MDEQSize
 
-SHAPES = {"digits": (8, 8, 1), "tiny": (32, 32, 3), "cifar": (32, 32, 3)}
+SHAPES = {"digits": (8, 8, 1), "tiny": (32, 32, 3), "cifar": (32, 32, 3), "small": (32, 32, 3)}
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))
@@ -22,8 +22,8 @@ def test_output_shapes_for_each_size(size):
     fz = jax.eval_shape(lambda v, x, z: model.apply(v, x, z, method="cell"), variables, x, z)
     logits = jax.eval_shape(lambda v, z: model.apply(v, z, method="head"), variables, fz)
     spec = SIZES[size]
-    expected = [(2, 8 // 2**i if size == "digits" else 32 // 2**i, 8 // 2**i if size == "digits" else 32 // 2**i, c)
-                for i, c in enumerate(spec.channels)]
+    side = SHAPES[size][0] // spec.stem_stride
+    expected = [(2, side // 2**i, side // 2**i, c) for i, c in enumerate(spec.channels)]
     chex.assert_trees_all_equal_shapes(z, fz)
     assert [a.shape for a in fz] == expected
     assert logits.shape == (2, 10)
@@ -62,3 +62,9 @@ def test_bad_shapes_and_sizes_give_clear_errors():
         MDEQ("digits").init(jax.random.key(0), jnp.zeros((1, 7, 7, 1)))
     with pytest.raises(ValueError, match="num_groups"):
         MDEQSize(channels=(6,), expand=1, head_channels=(4,), final_channels=8, num_groups=4)
+    with pytest.raises(ValueError, match="stem_stride"):
+        MDEQSize(channels=(8,), expand=1, head_channels=(4,), final_channels=8, num_groups=4, stem_stride=3)
+    with pytest.raises(ValueError, match="post_fuse_groups"):
+        MDEQSize(channels=(8, 12), expand=1, head_channels=(4, 4), final_channels=8, num_groups=4, post_fuse_groups=8)
+    with pytest.raises(ValueError, match="head"):
+        MDEQSize(channels=(8,), expand=1, head_channels=(4,), final_channels=8, num_groups=4, head="mlp")

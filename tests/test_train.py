@@ -215,6 +215,15 @@ def test_mdeq_rule_raises_the_limit_without_recompiling():
     assert train_step._cache_size() == 1
 
 
+def test_top_k_hits_against_a_sort():
+    logits = jax.random.normal(jax.random.key(0), (64, 10))
+    labels = jax.random.randint(jax.random.key(1), (64,), 0, 10)
+    order = np.argsort(-np.asarray(logits), axis=1)  # no ties in random normals
+    for k in (1, 5):
+        expected = (order[:, :k] == np.asarray(labels)[:, None]).any(axis=1)
+        np.testing.assert_array_equal(objective.top_k_hits(logits, labels, k), expected)
+
+
 def test_jr_gradient_reaches_the_cell_parameters():
     model = MDEQ("digits")
     images, _ = fixed_batch(4)

@@ -1,4 +1,4 @@
-"""Data: images (digits default, CIFAR-10 through TFDS) and text (pydoc default,
+"""Data: images (digits default, CIFAR-10 and ImageNet through TFDS) and text (pydoc default,
 tiny_shakespeare through TFDS, WikiText-103 token files; see ``deq_jax.data.text``).
 
     dataset = deq_jax.data.load("digits", seed=0)
@@ -10,6 +10,7 @@ batches the uninterrupted run would have seen.
 
 from deq_jax.data.cifar10 import load_cifar10
 from deq_jax.data.digits import load_digits
+from deq_jax.data.imagenet import StreamingImages, load_imagenet
 from deq_jax.data.pipeline import Dataset, eval_batches, load, train_batch
 from deq_jax.data.text import (
     TextDataset,
@@ -24,12 +25,14 @@ from deq_jax.data.text import (
 
 __all__ = [
     "Dataset",
+    "StreamingImages",
     "TextDataset",
     "eval_batches",
     "eval_windows",
     "load",
     "load_cifar10",
     "load_digits",
+    "load_imagenet",
     "load_pydoc",
     "load_text",
     "load_tiny_shakespeare",

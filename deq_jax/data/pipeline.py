@@ -1,4 +1,10 @@
-"""Batches from in-memory arrays: seeded epoch shuffling, augmentation, normalization."""
+"""Batches from in-memory arrays: seeded epoch shuffling, augmentation, normalization.
+
+Image data sets come in two kinds with one interface (``name``, ``num_classes``,
+``image_shape``, ``steps_per_epoch(batch)``, ``train_batch(step, batch, seed)``,
+``eval_batches(batch)``): :class:`Dataset` here (digits, CIFAR-10: arrays in memory) and
+:class:`~deq_jax.data.imagenet.StreamingImages` (ImageNet: read example by example).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-IMAGE_DATA = ("digits", "cifar10")
+IMAGE_DATA = ("digits", "cifar10", "imagenet2012")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +44,17 @@ class Dataset:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return steps_per_epoch(self, batch_size)
+
+    def train_batch(self, step: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`train_batch` of this data set."""
+        return train_batch(self, step, batch_size, seed)
+
+    def eval_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """:func:`eval_batches` of this data set."""
+        return eval_batches(self, batch_size)
 
 
 def normalize(dataset: Dataset, images: np.ndarray) -> np.ndarray:
@@ -106,13 +123,23 @@ def eval_batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[np.ndarray
         yield normalize(dataset, dataset.test_images[idx]), dataset.test_labels[idx], weights
 
 
-def load(name: str, *, seed: int = 0, data_dir: str | None = None) -> Dataset:
-    """Loads ``"digits"`` (embedded, no download) or ``"cifar10"`` (prepared with TFDS)."""
+def load(name: str, *, seed: int = 0, data_dir: str | None = None, image_size: int | None = None):
+    """Loads ``"digits"`` (embedded, no download), ``"cifar10"`` (prepared with TFDS, in
+    memory) or ``"imagenet2012"`` (prepared with TFDS, streamed).
+
+    ``image_size``: the side of ImageNet's square crops (None or 0: 224); the other data
+    sets have a fixed size and accept only None or 0.
+    """
     from deq_jax.data.cifar10 import load_cifar10
     from deq_jax.data.digits import load_digits
+    from deq_jax.data.imagenet import IMAGE_SIZE, load_imagenet
 
+    if name not in IMAGE_DATA:
+        raise ValueError(f"unknown image data set {name!r}; choose one of {IMAGE_DATA}")
+    if name == "imagenet2012":
+        return load_imagenet(data_dir=data_dir, image_size=image_size or IMAGE_SIZE)
+    if image_size:
+        raise ValueError(f"image_size applies to imagenet2012 only; {name} images have a fixed size")
     if name == "digits":
         return load_digits(seed=seed)
-    if name == "cifar10":
-        return load_cifar10(data_dir=data_dir)
-    raise ValueError(f"unknown image data set {name!r}; choose one of {IMAGE_DATA}")
+    return load_cifar10(data_dir=data_dir)

@@ -27,14 +27,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
-    # Images (MDEQ): "digits" (embedded), "cifar10" (TFDS, prepared).
-    # Text (DEQ-Transformer): "pydoc" (embedded), "tiny_shakespeare" (TFDS), "wikitext103" (files).
+    # Images (MDEQ): "digits" (embedded), "cifar10" (TFDS, prepared), "imagenet2012" (TFDS,
+    # downloaded by hand and prepared; streamed). Text (DEQ-Transformer): "pydoc" (embedded),
+    # "tiny_shakespeare" (TFDS), "wikitext103" (files).
     c.data.name = "digits"
     c.data.data_dir = ""  # TFDS data_dir ("" = ~/tensorflow_datasets); the folder of the WikiText-103 files
+    c.data.image_size = 0  # imagenet2012: side of the square crops (0 = 224); other image sets have fixed sizes
+    c.data.augment = True  # images: training crop/flip (CIFAR-10: pad-4 crop + flip; ImageNet: resized crop + flip)
 
     c.model = ml_collections.ConfigDict()
     c.model.dropout = 0.0  # variational dropout inside the cell (mask fixed across solver steps)
-    c.model.size = "digits"  # MDEQ: deq_jax.models.SIZES (digits, tiny, cifar)
+    c.model.size = "digits"  # MDEQ: deq_jax.models.SIZES (digits, tiny, cifar, small)
     c.model.d_model = 128  # DEQ-Transformer: state width
     c.model.num_heads = 4  # DEQ-Transformer: attention heads (divide d_model)
     c.model.d_ff = 512  # DEQ-Transformer: feed-forward hidden width
@@ -158,6 +161,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         c.data.name in IMAGE_DATA + TEXT_DATA,
         f"data.name must be one of {IMAGE_DATA + TEXT_DATA}, got {c.data.name!r}",
     )
+    _require(
+        c.data.image_size == 0 or (c.data.image_size > 0 and c.data.name == "imagenet2012"),
+        f"data.image_size applies to imagenet2012 only and must be > 0 there (0: 224), got {c.data.image_size}",
+    )
+    _require(isinstance(c.data.augment, bool), f"data.augment must be True or False, got {c.data.augment!r}")
     m = c.model
     _require(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
     if c.data.name in TEXT_DATA:

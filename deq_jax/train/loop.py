@@ -74,33 +74,32 @@ def evaluate(eval_fns, params, task: Task, c, mesh, step: int, final: bool) -> l
     ``budget`` row per forward step budget plus a ``final`` row per other split."""
     data_sharding = NamedSharding(mesh, P(step_lib.DATA))
 
-    def load(split):
-        return [tuple(_global_array(a, data_sharding) for a in batch) for batch in task.eval_sets[split]()]
-
-    def run(fn, limit, batches):
-        totals, first = {}, 0
-        for inputs, targets, weights in batches:
+    def run(fn, limit, split):
+        # Batches are made again for every pass (none is kept: ImageNet's would not fit).
+        totals, first, batches = {}, 0, 0
+        for batch in task.eval_sets[split]():
+            inputs, targets, weights = (_global_array(a, data_sharding) for a in batch)
             sums = fn(params, np.int32(limit), inputs, targets, weights, np.int32(first))
-            first += len(inputs)
+            first, batches = first + len(inputs), batches + 1
             for k, v in jax.device_get(sums).items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         n, m = totals.pop("count"), totals.pop("examples")
         loss = totals["loss"] / n
         return {
             "accuracy": totals["correct"] / n,
+            "accuracy_top5": totals["correct5"] / n,
             "loss": loss,
             **task.derived(loss),
             "steps": totals["steps"] / m,
             "converged": totals["converged"] / m,
             "residual": totals["residual"] / m,
-            "nfe": totals["nfe"] / len(batches),  # per batch, as the batched loop runs
+            "nfe": totals["nfe"] / batches,  # per batch, as the batched loop runs
             **{k: totals[k] / m for k in ("jac", "spectral") if k in totals},
         }
 
     split = task.eval_split
-    batches = load(split)
-    at_limit = run(eval_fns["jac"], c.forward.max_steps, batches)
-    generous = run(eval_fns["plain"], c.eval.max_steps, batches)
+    at_limit = run(eval_fns["jac"], c.forward.max_steps, split)
+    generous = run(eval_fns["plain"], c.eval.max_steps, split)
     rows = [
         {
             "step": step,
@@ -116,10 +115,10 @@ def evaluate(eval_fns, params, task: Task, c, mesh, step: int, final: bool) -> l
     if final:
         for b in budgets(c):
             rows.append({"step": step, "kind": "budget", "split": split, "budget": b,
-                         **run(eval_fns["plain"], b, batches)})
+                         **run(eval_fns["plain"], b, split)})
         for other in list(task.eval_sets)[1:]:
             rows.append({"step": step, "kind": "final", "split": other,
-                         **run(eval_fns["plain"], c.forward.max_steps, load(other))})
+                         **run(eval_fns["plain"], c.forward.max_steps, other)})
     return rows
 
 
@@ -253,7 +252,7 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
     return _finish(run_dir, lead, task, compile_s)
 
 
-QUALITY_KEYS = ("accuracy", "loss", "perplexity", "bpc")
+QUALITY_KEYS = ("accuracy", "accuracy_top5", "loss", "perplexity", "bpc")
 
 
 def _executable_mb(executable) -> float:

@@ -104,3 +104,10 @@ def jacobian_penalty(model, params, x, z, keys: Array, num_probes: int) -> Array
 def cross_entropy(logits: Array, labels: Array) -> Array:
     """Softmax cross-entropy in float32, shaped like ``labels`` (``[B]`` or ``[B, T]``)."""
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def top_k_hits(logits: Array, labels: Array, k: int) -> Array:
+    """1.0 where the label is among the ``k`` highest logits (ties in its favour), else 0.0;
+    shaped like ``labels`` (``[B]`` or ``[B, T]``)."""
+    label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)
+    return (jnp.sum(logits > label_logit, axis=-1) < k).astype(jnp.float32)

@@ -229,7 +229,8 @@ def make_eval_step(model: nn.Module, c, mesh: Mesh, with_jacobian: bool):
     one compilation for every budget). ``weights`` has the targets' shape (``[B]`` for
     images, ``[B, T]`` for text; 0 marks padding). ``first_index``: the position of the
     batch's first example in the evaluation set. Returns float32 sums over the batch:
-    per target ``count, correct, loss``; per example (one holding any real target)
+    per target ``count, correct, correct5`` (the target among the 5 highest logits),
+    ``loss``; per example (one holding any real target)
     ``examples, steps, converged, residual`` (+ with ``with_jacobian``: ``jac``, the
     Hutchinson ``||J_f(z*)||_F^2 / d`` with ``eval.jac_probes`` probes, and ``spectral``,
     the power-method spectral radius of J_f(z*) with ``eval.spectral_iters`` VJPs, if
@@ -247,6 +248,7 @@ def make_eval_step(model: nn.Module, c, mesh: Mesh, with_jacobian: bool):
         sums = {
             "count": weights,
             "correct": (jnp.argmax(out.logits, -1) == targets) * weights,
+            "correct5": objective.top_k_hits(out.logits, targets, 5) * weights,
             "loss": objective.cross_entropy(out.logits, targets) * weights,
             "examples": example,
             "steps": jnp.where(r.converged, r.n_steps, step_limit) * example,

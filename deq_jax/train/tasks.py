@@ -2,8 +2,9 @@
 
 Two tasks share one loop, one train step and one eval step:
 
-* image classification (``digits``, ``cifar10``) with an :class:`~deq_jax.models.MDEQ`:
-  inputs ``[B, H, W, C]`` float32, targets ``[B]`` int32;
+* image classification (``digits``, ``cifar10`` in memory; ``imagenet2012`` streamed)
+  with an :class:`~deq_jax.models.MDEQ`: inputs ``[B, H, W, C]`` float32, targets ``[B]``
+  int32;
 * language modelling (``pydoc``, ``tiny_shakespeare``, ``wikitext103``) with a
   :class:`~deq_jax.models.DEQTransformer`: inputs and targets ``[B, T]`` int32 (the next
   tokens).
@@ -35,7 +36,8 @@ class Task:
 
     Attributes:
       name: data set name (``data.name``).
-      data: the loaded :class:`~deq_jax.data.Dataset` or :class:`~deq_jax.data.TextDataset`.
+      data: the loaded :class:`~deq_jax.data.Dataset`, :class:`~deq_jax.data.StreamingImages`
+        or :class:`~deq_jax.data.TextDataset`.
       model: the Flax module (methods inject / initial_state / cell / head).
       sample_input: ``[1, ...]`` zeros of the model's input shape and dtype (for ``init``).
       train_batch: ``step -> (inputs, targets)``, the global batch of a step.
@@ -82,15 +84,19 @@ def make_task(c) -> Task:
     name = c.data.name
     data_dir = c.data.data_dir or None
     if name in pipeline.IMAGE_DATA:
-        ds = pipeline.load(name, seed=c.seed, data_dir=data_dir)
-        pipeline.steps_per_epoch(ds, c.train.batch_size)  # fails early if the batch is too large
+        ds = pipeline.load(name, seed=c.seed, data_dir=data_dir, image_size=c.data.image_size or None)
+        if not c.data.augment:
+            changes = {"augment": False} if name == "imagenet2012" else {"crop_padding": 0, "flip": False}
+            ds = dataclasses.replace(ds, **changes)
+        ds.steps_per_epoch(c.train.batch_size)  # fails early if the batch is too large
+        split = "validation" if name == "imagenet2012" else "test"  # ImageNet's test labels are not public
         return Task(
             name=name,
             data=ds,
             model=MDEQ(c.model.size, num_classes=ds.num_classes, dropout=c.model.dropout),
             sample_input=np.zeros((1,) + ds.image_shape, np.float32),
-            train_batch=lambda step: pipeline.train_batch(ds, step, c.train.batch_size, c.seed),
-            eval_sets={"test": lambda: pipeline.eval_batches(ds, c.eval.batch_size)},
+            train_batch=lambda step: ds.train_batch(step, c.train.batch_size, c.seed),
+            eval_sets={split: lambda: ds.eval_batches(c.eval.batch_size)},
         )
     ds = text.load_text(name, data_dir)
     m, seq_len = c.model, c.train.seq_len
