@@ -68,34 +68,42 @@ def _flat_diff(a, b, prefix=""):
             yield f"{prefix}{key}: {va!r} -> {vb!r}"
 
 
+def evaluate_split(eval_fn, params, task: Task, mesh, limit: int, split: str) -> dict:
+    """One pass of ``eval_fn`` (from :func:`~deq_jax.train.step.make_eval_step`) over a
+    split at forward step limit ``limit``: quality (accuracy, top-5, loss and what derives
+    from it), per-example solver means (steps, converged, residual), f evaluations per
+    batch, and the Jacobian norm / spectral radius if ``eval_fn`` measures them."""
+    data_sharding = NamedSharding(mesh, P(step_lib.DATA))
+    # Batches are made again for every pass (none is kept: ImageNet's would not fit).
+    totals, first, batches = {}, 0, 0
+    for batch in task.eval_sets[split]():
+        inputs, targets, weights = (_global_array(a, data_sharding) for a in batch)
+        sums = eval_fn(params, np.int32(limit), inputs, targets, weights, np.int32(first))
+        first, batches = first + len(inputs), batches + 1
+        for k, v in jax.device_get(sums).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    n, m = totals.pop("count"), totals.pop("examples")
+    loss = totals["loss"] / n
+    return {
+        "accuracy": totals["correct"] / n,
+        "accuracy_top5": totals["correct5"] / n,
+        "loss": loss,
+        **task.derived(loss),
+        "steps": totals["steps"] / m,
+        "converged": totals["converged"] / m,
+        "residual": totals["residual"] / m,
+        "nfe": totals["nfe"] / batches,  # per batch, as the batched loop runs
+        **{k: totals[k] / m for k in ("jac", "spectral") if k in totals},
+    }
+
+
 def evaluate(eval_fns, params, task: Task, c, mesh, step: int, final: bool) -> list[dict]:
     """Evaluation rows on the task's first split: ``eval`` (trained step limit, with the
     Jacobian norm, and steps to tol at ``eval.max_steps``) and, if ``final``, one
     ``budget`` row per forward step budget plus a ``final`` row per other split."""
-    data_sharding = NamedSharding(mesh, P(step_lib.DATA))
 
     def run(fn, limit, split):
-        # Batches are made again for every pass (none is kept: ImageNet's would not fit).
-        totals, first, batches = {}, 0, 0
-        for batch in task.eval_sets[split]():
-            inputs, targets, weights = (_global_array(a, data_sharding) for a in batch)
-            sums = fn(params, np.int32(limit), inputs, targets, weights, np.int32(first))
-            first, batches = first + len(inputs), batches + 1
-            for k, v in jax.device_get(sums).items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        n, m = totals.pop("count"), totals.pop("examples")
-        loss = totals["loss"] / n
-        return {
-            "accuracy": totals["correct"] / n,
-            "accuracy_top5": totals["correct5"] / n,
-            "loss": loss,
-            **task.derived(loss),
-            "steps": totals["steps"] / m,
-            "converged": totals["converged"] / m,
-            "residual": totals["residual"] / m,
-            "nfe": totals["nfe"] / batches,  # per batch, as the batched loop runs
-            **{k: totals[k] / m for k in ("jac", "spectral") if k in totals},
-        }
+        return evaluate_split(fn, params, task, mesh, limit, split)
 
     split = task.eval_split
     at_limit = run(eval_fns["jac"], c.forward.max_steps, split)
