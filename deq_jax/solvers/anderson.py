@@ -28,16 +28,16 @@ Array = jax.Array
 
 
 class AndersonState(NamedTuple):
-    xs: Array  # [B, m, T, D] iterates (batch first: the products are batched matvecs)
-    gs: Array  # [B, m, T, D] residuals f(x) - x
-    gram: Array  # [B, T, m, m] prefix inner products <g_i, g_j>_t
+    xs: Array  # [B, m, D] iterates (batch first: the products are batched matvecs); causal [B, m, T, D]
+    gs: Array  # [B, m, D] residuals f(x) - x; causal [B, m, T, D]
+    gram: Array  # [B, m, m] g_i . g_j; causal [B, T, m, m], prefix inner products <g_i, g_j>_t
     count: Array  # [] entries written so far
 
 
 def _method(memory: int, regularization: float, mixing: float) -> base.Method:
     def init(z, fz):
         zeros = jnp.zeros((z.shape[0], memory) + z.shape[1:], z.dtype)
-        gram = jnp.zeros(z.shape[:2] + (memory, memory), z.dtype)
+        gram = jnp.zeros(z.shape[:-1] + (memory, memory), z.dtype)
         return AndersonState(xs=zeros, gs=zeros, gram=gram, count=jnp.int32(0))
 
     def step(s: AndersonState, z, fz):
@@ -46,7 +46,7 @@ def _method(memory: int, regularization: float, mixing: float) -> base.Method:
         slot = s.count % memory
         xs = s.xs.at[:, slot].set(z)
         gs = s.gs.at[:, slot].set(g)
-        row = base.pcoeffs(gs, g)  # [B, T, m]
+        row = base.pcoeffs(gs, g)  # [B, (T,) m]
         gram = s.gram.at[..., slot, :].set(row).at[..., :, slot].set(row)
         valid = jnp.arange(memory) < jnp.minimum(s.count + 1, memory)  # [m]
         pair = valid[:, None] & valid[None, :]
@@ -54,7 +54,7 @@ def _method(memory: int, regularization: float, mixing: float) -> base.Method:
         scale = scale / jnp.sum(valid) + jnp.finfo(z.dtype).tiny
         a = jnp.where(pair, gram, eye) + (regularization * scale)[..., None, None] * (eye * valid)
         rhs = jnp.broadcast_to(valid.astype(z.dtype), gram.shape[:-1])[..., None]
-        w = jnp.linalg.solve(a, rhs)[..., 0]  # [B, T, m]
+        w = jnp.linalg.solve(a, rhs)[..., 0]  # [B, (T,) m]
         alpha = w / jnp.sum(w, axis=-1, keepdims=True)
         ok = jnp.all(jnp.isfinite(alpha), axis=-1, keepdims=True)
         alpha = jnp.where(ok, alpha, jax.nn.one_hot(slot, memory, dtype=z.dtype))

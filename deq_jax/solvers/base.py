@@ -11,7 +11,7 @@ written here, that does the bookkeeping every method needs:
 * non-finite values: a step that produces NaN/Inf for an example never replaces that
   example's best iterate; the example stops and ``nonfinite`` says it happened.
 
-Internally the loop works on a ``[B, T, D]`` array in a *working* dtype of at least
+Internally the loop works on a ``[B, D]`` matrix in a *working* dtype of at least
 float32 (so norms and Broyden/Anderson products stay in float32 when ``f`` runs in
 bfloat16); ``f`` is always called on its own pytree structure and dtypes.
 
@@ -28,7 +28,8 @@ position t of every iterate is a function of positions <= t of ``f``'s inputs. T
 then returns the last iterate (a best iterate chosen by whole-sequence residual would
 let later positions decide which iterate position t gets); a non-finite value at
 position t sends positions >= t back to their last finite iterate and stops them.
-Without ``causal_axis``, ``T = 1`` and all of this is the ordinary per-example solver.
+In causal mode the working arrays are ``[B, T, D]`` and per-position quantities ``[B, T]``;
+the methods are written once for both shapes (:func:`pdot`, :func:`pcoeffs`, :func:`combine`).
 """
 
 from __future__ import annotations
@@ -121,8 +122,7 @@ def ravel_batch(tree: PyTree, dtype) -> tuple[Array, Callable[[PyTree], Array], 
     (matrix -> pytree with the original structure, shapes and dtypes). One leaf is a
     reshape, with no copy.
     """
-    mat, ravel, unravel = ravel_positions(tree, dtype, None)
-    return mat[:, 0], lambda t: ravel(t)[:, 0], lambda m: unravel(m[:, None])
+    return ravel_positions(tree, dtype, None)
 
 
 def check_causal_axis(causal_axis) -> None:
@@ -138,12 +138,12 @@ def check_causal_axis(causal_axis) -> None:
 def ravel_positions(
     tree: PyTree, dtype, causal_axis: int | None
 ) -> tuple[Array, Callable[[PyTree], Array], Callable[[Array], PyTree]]:
-    """Flattens a pytree of ``[B, ...]`` arrays to one ``[B, T, D]`` array of ``dtype``.
+    """Flattens a pytree of ``[B, ...]`` arrays to one array of ``dtype``: ``[B, D]``, or
+    ``[B, T, D]`` with ``T`` the length of axis ``causal_axis`` of every leaf (moved next
+    to the batch axis).
 
-    ``T`` is the length of axis ``causal_axis`` of every leaf (moved next to the batch
-    axis), or 1 when ``causal_axis`` is None. Returns the array, the map (pytree like
-    ``tree`` -> array) and its inverse (array -> pytree with the original structure,
-    shapes and dtypes).
+    Returns the array, the map (pytree like ``tree`` -> array) and its inverse (array ->
+    pytree with the original structure, shapes and dtypes).
     """
     check_causal_axis(causal_axis)
     leaves, treedef = jax.tree.flatten(tree)
@@ -160,7 +160,7 @@ def ravel_positions(
     if any(shape[0] != batch for shape in shapes):
         raise ValueError(f"every leaf of z0 must share the batch size (leading axis); got shapes {shapes}")
     if causal_axis is None:
-        length = 1
+        lead, moved = (batch,), shapes
     else:
         if any(len(shape) <= causal_axis for shape in shapes):
             raise ValueError(f"causal_axis={causal_axis} is not an axis of every leaf of z0; got shapes {shapes}")
@@ -169,27 +169,28 @@ def ravel_positions(
             raise ValueError(
                 f"every leaf of z0 must have the same length along causal_axis={causal_axis}; got shapes {shapes}"
             )
+        lead = (batch, length)
+        # Each leaf's shape with the sequence axis moved to position 1.
+        moved = [(s[0], s[causal_axis]) + s[1:causal_axis] + s[causal_axis + 1 :] for s in shapes]
     dtypes = [leaf.dtype for leaf in leaves]
-    # Each leaf's shape with the sequence axis moved to position 1.
-    moved = [s if causal_axis is None else (s[0], s[causal_axis]) + s[1:causal_axis] + s[causal_axis + 1 :] for s in shapes]
-    sizes = [int(np.prod(s[1:], dtype=np.int64)) // length for s in moved]
+    sizes = [int(np.prod(m[len(lead) :], dtype=np.int64)) for m in moved]
 
     def ravel(t):
         flat = []
         for leaf in jax.tree.leaves(t):
             if causal_axis is not None:
                 leaf = jnp.moveaxis(leaf, causal_axis, 1)
-            flat.append(jnp.reshape(leaf, (batch, length, -1)).astype(dtype))
-        return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=2)
+            flat.append(jnp.reshape(leaf, lead + (-1,)).astype(dtype))
+        return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=-1)
 
     def unravel(arr):
-        parts = [arr] if len(sizes) == 1 else jnp.split(arr, np.cumsum(sizes)[:-1], axis=2)
+        parts = [arr] if len(sizes) == 1 else jnp.split(arr, np.cumsum(sizes)[:-1], axis=-1)
         leaves_out = []
         for part, shape, moved_shape, dt in zip(parts, shapes, moved, dtypes, strict=True):
             leaf = part.reshape(moved_shape)
             if causal_axis is not None:
                 leaf = jnp.moveaxis(leaf, 1, causal_axis)
-            leaves_out.append(leaf.reshape(shape).astype(dt))
+            leaves_out.append(leaf.astype(dt))
         return jax.tree.unflatten(treedef, leaves_out)
 
     return ravel(tree), ravel, unravel
@@ -202,33 +203,38 @@ def residual_norms(z: Array, fz: Array) -> tuple[Array, Array]:
     return abs_res, rel_res
 
 
-def prefix(x: Array) -> Array:
-    """Cumulative sum over positions (axis 1) of ``[B, T, ...]``; the identity when T = 1.
+# The working arrays are [B, D] (ordinary) or [B, T, D] (causal). The helpers below take
+# inner products over D, and in the causal case prefix sums over T, so every method is
+# written once for both; for [B, D] they are exactly the plain per-example products.
 
-    Entry t is a sum of entries <= t only, so it never depends on later positions."""
-    return x if x.shape[1] == 1 else jnp.cumsum(x, axis=1)
+
+def _prefix(x: Array, causal: bool) -> Array:
+    """Cumulative sum over positions (axis 1) if ``causal``: entry t sums entries <= t only."""
+    return jnp.cumsum(x, axis=1) if causal else x
 
 
 def pdot(a: Array, b: Array) -> Array:
-    """Prefix inner products of two ``[B, T, D]`` arrays -> ``[B, T]``: ``sum_{s<=t} a_s . b_s``.
-
-    With T = 1 this is the per-example inner product."""
-    return prefix(jnp.einsum("btd,btd->bt", a, b, precision=PRECISION))
+    """Per-example ``[B]`` inner products of ``[B, D]`` arrays, or prefix inner products
+    ``[B, T]``, ``sum_{s<=t} a_s . b_s``, of ``[B, T, D]`` arrays."""
+    return _prefix(jnp.einsum("b...d,b...d->b...", a, b, precision=PRECISION), a.ndim == 3)
 
 
 def pcoeffs(buffer: Array, x: Array) -> Array:
-    """Prefix inner products of each of m ``[B, m, T, D]`` buffer rows with ``x`` ``[B, T, D]`` -> ``[B, T, m]``."""
-    return prefix(jnp.einsum("bmtd,btd->btm", buffer, x, precision=PRECISION))
+    """:func:`pdot` of each of the m rows of ``buffer`` (``[B, m, D]`` or ``[B, m, T, D]``)
+    with ``x`` -> ``[B, m]`` or ``[B, T, m]``."""
+    return _prefix(jnp.einsum("bm...d,b...d->b...m", buffer, x, precision=PRECISION), x.ndim == 3)
 
 
 def combine(coeffs: Array, buffer: Array) -> Array:
-    """Per-position combinations ``sum_i coeffs[b, t, i] * buffer[b, i, t]`` -> ``[B, T, D]``."""
-    return jnp.einsum("btm,bmtd->btd", coeffs, buffer, precision=PRECISION)
+    """``sum_i coeffs[b, (t,) i] * buffer[b, i, (t)]`` -> like one buffer row, ``[B, (T,) D]``."""
+    return jnp.einsum("b...m,bm...d->b...d", coeffs, buffer, precision=PRECISION)
 
 
 def prefix_residuals(z: Array, fz: Array) -> tuple[Array, Array]:
-    """``[B, T]`` prefix residuals of ``[B, T, D]`` inputs: ``||f(z) - z||`` and the relative one
-    over positions <= t (with T = 1: :func:`residual_norms` of each example)."""
+    """:func:`residual_norms` of ``[B, D]`` inputs, or ``[B, T]`` prefix residuals of
+    ``[B, T, D]`` inputs (the norms over positions <= t)."""
+    if z.ndim == 2:
+        return residual_norms(z, fz)
     diff = fz - z
     abs_res = jnp.sqrt(pdot(diff, diff))
     rel_res = abs_res / (jnp.sqrt(pdot(fz, fz)) + REL_EPS)
@@ -236,7 +242,7 @@ def prefix_residuals(z: Array, fz: Array) -> tuple[Array, Array]:
 
 
 def _checked_f(f, z0, ravel, unravel):
-    """``f`` on ``[B, T, D]`` arrays, checking at trace time that it keeps z's structure."""
+    """``f`` on working arrays, checking at trace time that it keeps z's structure."""
     in_struct = jax.tree.structure(z0)
     in_shapes = [jnp.shape(leaf) for leaf in jax.tree.leaves(z0)]
 
@@ -255,27 +261,23 @@ def _checked_f(f, z0, ravel, unravel):
 
 
 class _Loop(NamedTuple):
-    """The loop's carry; per-position arrays are ``[B, T]`` (``T = 1`` unless causal)."""
+    """The loop's carry: ``z``-like arrays ``[B, D]`` (causal: ``[B, T, D]``), per-example
+    ones ``[B]`` (causal: per position, ``[B, T]``)."""
 
     k: Array  # updates made so far
-    z: Array  # current iterate, [B, T, D]
+    z: Array  # current iterate
     fz: Array  # f(z)
     method_state: Any
-    stopped: Array  # [B, T] converged or failed: frozen from now on
-    best_z: Array  # [B, T, D] lowest-residual iterate (causal: last finite iterate)
+    stopped: Array  # converged or failed: frozen from now on
+    best_z: Array  # lowest-residual iterate (causal: last finite iterate)
     best_fz: Array
-    best_metric: Array  # [B, T] its stop-mode residual
+    best_metric: Array  # its stop-mode residual
     best_abs: Array
     best_rel: Array
     best_step: Array
     nonfinite: Array
     abs_trace: Array  # [max_steps + 1, B] of the whole example
     rel_trace: Array
-
-
-def _cummax(x: Array) -> Array:
-    """Running maximum over positions (axis 1); the identity when T = 1."""
-    return x if x.shape[1] == 1 else jax.lax.cummax(x, axis=1)
 
 
 def solve(
@@ -307,9 +309,12 @@ def solve(
         abs_res, rel_res = prefix_residuals(z, fz)
         metric = rel_res if use_rel else abs_res
         finite = jnp.isfinite(metric) & jnp.isfinite(abs_res)
-        # Position t may stop once every prefix up to t meets tol (T = 1: the example).
-        met = finite & (_cummax(metric) < tol)
+        # Causal: position t may stop once every prefix up to t meets tol.
+        met = finite & ((jax.lax.cummax(metric, axis=1) if causal else metric) < tol)
         return abs_res, rel_res, metric, finite, met
+
+    def whole(x):  # per-position [B, T] -> the whole example's [B] (its last prefix)
+        return x[:, -1] if causal else x
 
     fz0 = f_mat(z0_mat)
     abs0, rel0, metric0, finite0, met0 = measure(z0_mat, fz0)
@@ -327,8 +332,8 @@ def solve(
         best_rel=rel0,
         best_step=jnp.zeros(metric0.shape, jnp.int32),
         nonfinite=~finite0,
-        abs_trace=nan_trace.at[0].set(abs0[:, -1]),
-        rel_trace=nan_trace.at[0].set(rel0[:, -1]),
+        abs_trace=nan_trace.at[0].set(whole(abs0)),
+        rel_trace=nan_trace.at[0].set(whole(rel0)),
     )
 
     def cond(s: _Loop):
@@ -361,20 +366,20 @@ def solve(
             best_rel=jnp.where(improved, rel_res, s.best_rel),
             best_step=jnp.where(improved, k, s.best_step),
             nonfinite=s.nonfinite | failed,
-            abs_trace=s.abs_trace.at[k].set(abs_res[:, -1]),
-            rel_trace=s.rel_trace.at[k].set(rel_res[:, -1]),
+            abs_trace=s.abs_trace.at[k].set(whole(abs_res)),
+            rel_trace=s.rel_trace.at[k].set(whole(rel_res)),
         )
 
     s = jax.lax.while_loop(cond, body, state)
-    # The last position's prefix covers the whole example; it is the last to stop.
+    # Causal: the last position's prefix covers the whole example; it is the last to stop.
     return SolverResult(
         z=unravel(s.best_z),
-        n_steps=s.best_step[:, -1],
-        abs_residual=s.best_abs[:, -1],
-        rel_residual=s.best_rel[:, -1],
+        n_steps=whole(s.best_step),
+        abs_residual=whole(s.best_abs),
+        rel_residual=whole(s.best_rel),
         abs_trace=s.abs_trace,
         rel_trace=s.rel_trace,
-        converged=jnp.max(s.best_metric, axis=1) < tol,
-        nonfinite=jnp.any(s.nonfinite, axis=1),
+        converged=(jnp.max(s.best_metric, axis=1) if causal else s.best_metric) < tol,
+        nonfinite=jnp.any(s.nonfinite, axis=1) if causal else s.nonfinite,
         f_evals=s.k + 1,
     )

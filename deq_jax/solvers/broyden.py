@@ -38,11 +38,11 @@ DEFAULT_MEMORY = 20
 
 
 class BroydenState(NamedTuple):
-    us: Array  # [B, memory, T, D]: batch first, so the products are plain batched matvecs
-    vs: Array  # [B, memory, T, D]
-    z_prev: Array  # [B, T, D]
-    g_prev: Array  # [B, T, D] g(z_prev) = f(z_prev) - z_prev
-    update: Array  # [B, T, D] -H g_prev, the step taken from z_prev
+    us: Array  # [B, memory, D]: batch first, so the products are plain batched matvecs
+    vs: Array  # [B, memory, D]
+    z_prev: Array  # [B, D]
+    g_prev: Array  # [B, D] g(z_prev) = f(z_prev) - z_prev
+    update: Array  # [B, D] -H g_prev, the step taken from z_prev
     count: Array  # [] rank-one updates made so far
 
 
@@ -58,11 +58,11 @@ def _method(memory: int) -> base.Method:
         slot = s.count % memory
         # Two passes over each buffer: coefficients, then combinations. The slot about
         # to be overwritten is read only through these products (no slice of it), which
-        # lets XLA update the buffers in place. Coefficients are [B, T, memory].
+        # lets XLA update the buffers in place. Coefficients are [B, memory].
         cv = base.pcoeffs(s.vs, g)  # <v_i, g>
         cu = base.pcoeffs(s.us, dz)  # <dz, u_i>
         keep = (jnp.arange(memory) != slot).astype(cv.dtype)
-        both = jnp.einsum("bktm,bmtd->bktd", jnp.stack([cv, cv * keep], axis=1), s.us, precision=base.PRECISION)
+        both = jnp.einsum("bk...m,bm...d->bk...d", jnp.stack([cv, cv * keep], axis=1), s.us, precision=base.PRECISION)
         hg = both[:, 0] - g  # H g with the current H
         hg_kept = both[:, 1] - g  # ... without the pair in the slot being replaced
         vt = -dz + base.combine(cu, s.vs)  # dz^T H

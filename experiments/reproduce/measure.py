@@ -13,8 +13,19 @@ For each example of the first ``batches`` evaluation batches (at most ``max_exam
   at that solution, g = d loss / d z* (the cotangent training uses), from u = g,
   ``[steps + 1, N]``;
 * with ``jacobian=True``: ``frobenius`` ``[N]``, the Hutchinson estimate of
-  ||J_f(z*)||_F^2 / d with ``probes`` Gaussian probes, and ``spectral_radius`` ``[N]``,
-  rho(J_f(z*)) by the power method (``power_iters`` vector-Jacobian products).
+  ||J_f(z)||_F^2 / d with ``probes`` Gaussian probes, and ``spectral_radius`` ``[N]``,
+  rho(J_f(z)) by the power method (``power_iters`` vector-Jacobian products), both at
+  the ``steps``-step iterate z;
+* with ``converged_steps=K`` (and ``jacobian=True``): the same two at a *converged*
+  fixed point, from a second forward solve of at most K steps with tolerance
+  ``converged_tol`` (Broyden/Anderson memory K by default, so no secant pair is ever
+  dropped): ``converged_frobenius``, ``converged_spectral_radius``, and what that solve
+  reached, ``converged_residual`` (relative residual of the iterate used) and
+  ``converged_steps`` ``[N]``.
+
+``memory`` sets the solvers' memory (Broyden's secant pairs, Anderson's m; default: the
+solver's own, 20 for Broyden) for the recorded forward and backward solves: a control for
+effects of a full memory ring (pairs start to be dropped after ``memory`` steps).
 """
 
 from __future__ import annotations
@@ -32,19 +43,44 @@ from deq_jax.train import objective
 NEVER = 1e-12  # a tolerance no solver reaches: every step is recorded
 
 
-def make_measure(task, c, steps: int, *, jacobian: bool = False, probes: int = 8, power_iters: int = 100):
+WITH_MEMORY = ("broyden", "anderson")  # solvers with a ``memory`` option
+
+
+def _with_memory(solver: deq_jax.SolverConfig, memory: int | None) -> deq_jax.SolverConfig:
+    if memory is None:
+        return solver
+    if solver.name not in WITH_MEMORY:
+        raise ValueError(f"memory={memory} given, but the {solver.name} solver has no memory")
+    return dataclasses.replace(solver, options={**dict(solver.options), "memory": int(memory)})
+
+
+def make_measure(task, c, steps: int, *, jacobian: bool = False, probes: int = 8, power_iters: int = 100,
+                 memory: int | None = None, converged_steps: int = 0, converged_tol: float = 1e-6,
+                 converged_memory: int | None = None):
     """Jitted ``(params, inputs, targets, weights, key) -> dict`` of per-example arrays (see module doc).
 
-    Runs of the same model and solvers share one function (compiled once).
+    ``memory``: the recorded solves' memory (default: the solver's). ``converged_steps``
+    (needs ``jacobian``): also measure the Jacobian at a fixed point solved to
+    ``converged_tol`` within that many steps, with memory ``converged_memory`` (default
+    ``converged_steps``). Runs of the same model and solvers share one function
+    (compiled once).
     """
+    if converged_steps and not jacobian:
+        raise ValueError("converged_steps measures the Jacobian: pass jacobian=True")
     # The run's forward solver (causal for text models unless the run turned it off).
-    forward = dataclasses.replace(objective.solvers_from_config(c).forward, max_steps=steps, tol=NEVER)
-    backward = deq_jax.SolverConfig(c.backward.solver, steps, NEVER, c.backward.stop_mode)
-    return _make(task.model, forward, backward, jacobian, probes, power_iters)
+    run_forward = objective.solvers_from_config(c).forward
+    forward = _with_memory(dataclasses.replace(run_forward, max_steps=steps, tol=NEVER), memory)
+    backward = _with_memory(deq_jax.SolverConfig(c.backward.solver, steps, NEVER, c.backward.stop_mode), memory)
+    converged = None
+    if converged_steps:
+        converged = dataclasses.replace(run_forward, max_steps=converged_steps, tol=converged_tol)
+        if converged.name in WITH_MEMORY:
+            converged = _with_memory(converged, converged_memory or converged_steps)
+    return _make(task.model, forward, backward, jacobian, probes, power_iters, converged)
 
 
 @functools.lru_cache(maxsize=8)
-def _make(model, forward, backward, jacobian, probes, power_iters):
+def _make(model, forward, backward, jacobian, probes, power_iters, converged=None):
     f = objective.cell_fn(model)
 
     @jax.jit
@@ -64,6 +100,16 @@ def _make(model, forward, backward, jacobian, probes, power_iters):
             result["frobenius"] = objective.jacobian_penalty(model, params, out.x, z, keys, probes)
             result["spectral_radius"] = deq_jax.spectral_radius(
                 lambda zz: f(params, out.x, zz), z, power_key, power_iters
+            )
+        if jacobian and converged is not None:
+            # Same probes and power-method start as at the recorded iterate.
+            far = objective.forward(model, params, inputs, mode="deq", config=converged)
+            zc = jax.lax.stop_gradient(far.z)
+            result["converged_residual"] = far.result.rel_residual
+            result["converged_steps"] = far.result.n_steps
+            result["converged_frobenius"] = objective.jacobian_penalty(model, params, out.x, zc, keys, probes)
+            result["converged_spectral_radius"] = deq_jax.spectral_radius(
+                lambda zz: f(params, out.x, zz), zc, power_key, power_iters
             )
         return result
 

@@ -1,17 +1,110 @@
-"""Training runs made by the reproduction scripts, and how they are named on figures."""
+"""Training runs made by the reproduction scripts, seeds, and how results are summarized.
+
+**One registry of digits runs** (:func:`digits`), shared by conditioning.py, budgets.py,
+schedules.py, convergence.py and speedup.py: every setting is the Quickstart config
+(``experiments/configs/digits.py``: 500 steps, 150 of them pretraining) with a checkpoint
+every 50 steps (all kept, for conditioning.py), the final evaluation at every forward
+budget (``eval.budgets="all"``) and one evaluation at the end (evaluation does not change
+training); only the setting's own keys differ (``jr.gamma``, weight decay, schedule,
+forward step limit) and the seed. A setting's folder name is made from those keys
+(``gamma_1``, ``gamma_0_wd_0.5``, ``gamma_1_limit_6``, ``staircase_0.5``, ...), so that
+the scripts that need the same run (no JR, JR γ = 1) train it once, into
+``<runs_dir>/<setting>/seed<k>``, default ``runs/reproduce/digits`` (``--size=large``:
+``runs/reproduce/digits_large``, 2000 steps). A finished run is reused only if its saved
+config equals the one asked for.
+
+**Seeds**: each setting is trained once per seed (config key ``seed``: the digits
+train/test split, initialization, batch order and every random draw of training).
+Tables report the mean ± the sample standard deviation over seeds (:func:`spread`,
+:func:`pm`); a difference between two settings counts only when it exceeds the sum of
+their standard deviations (:func:`separated`, :data:`RULE`). Run folders given on the
+command line (``--runs``) are grouped by their resolved config without the seed
+(:func:`group_runs`).
+"""
 
 from __future__ import annotations
 
 import copy
 import json
+import math
+import re
 from pathlib import Path
 
-# The digits runs of budgets.py and schedules.py, by --size: shorter than the Quickstart's
-# 500 steps at "small", so that four runs fit in 15 minutes on 2 CPU cores.
-DIGITS_SIZES = {
-    "small": {"num_steps": 300, "pretrain_steps": 100, "eval_every": 300},
-    "large": {"num_steps": 2000, "pretrain_steps": 600, "eval_every": 500},
+import numpy as np
+
+DEFAULT_SEEDS = (0, 1, 2)
+
+# The shared digits runs, by --size: the Quickstart length ("small") or 4x it ("large").
+DIGITS_LENGTH = {
+    "small": {"num_steps": 500, "pretrain_steps": 150, "checkpoint_every": 50},
+    "large": {"num_steps": 2000, "pretrain_steps": 600, "checkpoint_every": 100},
 }
+DIGITS_LIMIT = 12  # the Quickstart forward step limit
+
+RULE = (
+    "Rule: a difference between two settings counts (is *separated*) only when "
+    "|mean_a − mean_b| > sd_a + sd_b, with sd the sample standard deviation over seeds; "
+    "with a single seed nothing is separated."
+)
+
+
+def parse_seeds(text) -> tuple[int, ...]:
+    """``"0,1,2"`` (or a list of strings or ints) -> ``(0, 1, 2)``; at least one, no repeats."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    seeds = tuple(int(s) for s in items if str(s).strip() != "")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must be distinct integers, got {text!r}")
+    return seeds
+
+
+def digits_length(size: str = "small", steps: int | None = None) -> dict:
+    """``train`` keys of the shared digits runs: the size's length, or ``steps`` steps
+    (a quick check: pretraining 30%, a log row and checkpoint every fifth of the run)."""
+    if steps is None:
+        length = dict(DIGITS_LENGTH[size])
+        return length | {"keep_checkpoints": 1000, "eval_every": length["num_steps"]}
+    every = max(steps // 5, 1)
+    return {"num_steps": steps, "pretrain_steps": int(round(0.3 * steps)), "checkpoint_every": every,
+            "log_every": every, "keep_checkpoints": 1000, "eval_every": steps}
+
+
+def digits_runs_dir(size: str = "small", steps: int | None = None) -> str:
+    """The default folder of the shared digits runs (a separate one per size or --steps)."""
+    return "runs/reproduce/digits" + ("_large" if size == "large" else "") + (f"_steps{steps}" if steps else "")
+
+
+def digits(size: str = "small", *, gamma: float = 1.0, weight_decay: float = 0.0, limit: int = DIGITS_LIMIT,
+           jr: dict | None = None, steps: int | None = None) -> tuple[str, dict]:
+    """One setting of the shared digits registry: ``(folder name, config overrides)``.
+
+    ``jr``: further ``jr`` keys (a schedule); ``schedule`` "staircase" or "adaptive" names
+    the folder after it (the adaptive one also after its ``target_residual``).
+    """
+    jr = dict(jr or {})
+    schedule = jr.get("schedule", "constant")
+    if schedule == "constant":
+        name = f"gamma_{gamma:g}"
+    elif schedule == "adaptive":
+        from deq_jax.train.config import default_config
+
+        name = f"adaptive_{gamma:g}_target_{jr.get('target_residual', default_config().jr.target_residual):g}"
+    else:
+        name = f"{schedule}_{gamma:g}"
+    if weight_decay:
+        name += f"_wd_{weight_decay:g}"
+    if limit != DIGITS_LIMIT:
+        name += f"_limit_{limit}"
+    config = {"train": digits_length(size, steps), "eval": {"budgets": "all"}, "jr": {"gamma": float(gamma), **jr}}
+    if weight_decay:
+        config["optim"] = {"weight_decay": float(weight_decay)}
+    if limit != DIGITS_LIMIT:
+        config["forward"] = {"max_steps": int(limit)}
+    return name, config
+
+
+def seeded(configs: dict[str, dict], seeds) -> dict[str, dict]:
+    """``{name: overrides}`` -> ``{"name/seed<k>": overrides with seed k}``, seeds innermost."""
+    return {f"{name}/seed{k}": merge(config, {"seed": int(k)}) for name, config in configs.items() for k in seeds}
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -25,21 +118,163 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def train_runs(out: Path, configs: dict[str, dict]) -> list[Path]:
-    """Trains every ``{name: config overrides}`` into ``out/<name>``.
+def saved_config(run_dir) -> dict:
+    """A run folder's resolved config as saved (``config.json``), as a dict."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json)")
+    return json.loads(path.read_text())
 
-    A finished run (with ``summary.json``) is reused; an interrupted one is resumed from
-    its last checkpoint, so a script killed half-way loses at most a checkpoint interval.
+
+def resolved(config) -> dict:
+    """``config`` (overrides) resolved against the defaults, as ``config.json`` would hold it."""
+    from deq_jax.train import resolve
+
+    return json.loads(resolve(config).to_json_best_effort())
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Keys whose values differ between a saved config ``a`` and an asked one ``b``; keys
+    the saved config lacks (added to the library's defaults after it was trained) are
+    not counted."""
+    out = []
+    for key in sorted(set(a) & set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} (saved) vs {vb!r} (asked)")
+    return out
+
+
+def train_runs(out: Path, configs: dict[str, dict]) -> list[Path]:
+    """Trains every ``{name: config overrides}`` into ``out/<name>`` (names may hold a
+    ``/``, as :func:`seeded`'s do).
+
+    A finished run (with ``summary.json``) is reused and an interrupted one resumed from
+    its last checkpoint (a script killed half-way loses at most a checkpoint interval),
+    but only if the folder's saved config equals the one asked for; otherwise
+    ``ValueError`` (another script's run, or a changed setting, under the same name).
     """
     from deq_jax.train import train
 
     dirs = []
     for name, config in configs.items():
         run = Path(out) / name
+        if (run / "config.json").exists():
+            diff = _diff(saved_config(run), resolved(config))
+            if diff:
+                raise ValueError(f"{run} holds a run with another config ({'; '.join(diff)}); "
+                                 "choose another --runs_dir or remove that folder")
         if not (run / "summary.json").exists():
             train(config, run, resume=run.exists())
         dirs.append(run)
     return dirs
+
+
+def seed_of(run_dir) -> int:
+    """The ``seed`` a run folder was trained with."""
+    return int(saved_config(run_dir)["seed"])
+
+
+def group_runs(run_dirs) -> dict[str, list[Path]]:
+    """Run folders grouped by their resolved config without the seed: ``{setting: [runs
+    by seed]}``, settings in order of first appearance.
+
+    A setting is named after the folder that holds its ``seed<k>`` folders (as
+    :func:`train_runs` lays them out with :func:`seeded`), else after its first run
+    folder. ``ValueError`` if a setting holds the same seed twice.
+    """
+    groups: dict[str, list[Path]] = {}
+    for run in map(Path, run_dirs):
+        config = saved_config(run)
+        try:  # with the defaults of keys added since (as open_run reads it)
+            config = resolved(config)
+        except ValueError:
+            pass
+        config.pop("seed", None)
+        groups.setdefault(json.dumps(config, sort_keys=True), []).append(run)
+    named: dict[str, list[Path]] = {}
+    for members in groups.values():
+        members = sorted(members, key=seed_of)
+        seeds = [seed_of(m) for m in members]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"the same config and seed twice among {[str(m) for m in members]}")
+        first = members[0]
+        name = first.parent.name if re.fullmatch(r"seed\d+", first.name) else first.name
+        base, i = name, 2
+        while name in named:
+            name, i = f"{base}_{i}", i + 1
+        named[name] = members
+    return named
+
+
+def spread(values) -> tuple[float, float]:
+    """``(mean, sample standard deviation)`` of per-seed values (NaNs dropped); the
+    deviation is NaN with fewer than two values."""
+    v = np.asarray([float(x) for x in values], np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return math.nan, math.nan
+    return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else math.nan)
+
+
+def separated(a, b) -> bool:
+    """True when the per-seed values ``a`` and ``b`` differ by more than their spreads:
+    |mean_a - mean_b| > sd_a + sd_b (sample standard deviations). False when either has
+    fewer than two values (no spread known)."""
+    (ma, sa), (mb, sb) = spread(a), spread(b)
+    if not all(math.isfinite(x) for x in (ma, sa, mb, sb)):
+        return False
+    return abs(ma - mb) > sa + sb
+
+
+def _format(value: float, fmt: str) -> str:
+    if fmt == "%":
+        return f"{100 * value:.1f}"
+    return format(value, fmt)
+
+
+def pm(values, fmt: str = ".3g") -> str:
+    """Mean ± sample standard deviation of per-seed values as text: ``pm([0.97, 0.975],
+    "%")`` -> ``"97.2 ± 0.4%"``; ``fmt`` a format spec (".1e", ".3f") or "%" (percent, one
+    decimal). One value: the value alone."""
+    mean, sd = spread(values)
+    if not math.isfinite(mean):
+        return "–"
+    unit = "%" if fmt == "%" else ""
+    if not math.isfinite(sd):
+        return _format(mean, fmt) + unit
+    return f"{_format(mean, fmt)} ± {_format(sd, fmt)}{unit}"
+
+
+def compare_line(what: str, name_a: str, a, name_b: str, b, fmt: str = ".3g") -> str:
+    """One results.md line: ``what`` of ``name_a`` vs ``name_b``, both as mean ± sd, and
+    whether the difference exceeds the spread (:func:`separated`)."""
+    ma, mb = spread(a)[0], spread(b)[0]
+    diff = ma - mb
+    shown = f"{100 * diff:+.1f} points" if fmt == "%" else f"{diff:+{fmt}}"
+    if not math.isfinite(spread(a)[1]) or not math.isfinite(spread(b)[1]):
+        verdict = "spread unknown (fewer than two seeds)"
+    elif separated(a, b):
+        verdict = "**exceeds the spread**"
+    else:
+        verdict = "within the spread"
+    return f"- {what}, {name_a} vs {name_b}: {pm(a, fmt)} vs {pm(b, fmt)} (difference {shown}): {verdict}."
+
+
+def stats(per_seed: list[dict], keys) -> dict:
+    """``{"mean": {k: ...}, "sd": {k: ...}}`` over seeds for each key (scalars, or
+    equal-length lists: element by element)."""
+    mean, sd = {}, {}
+    for k in keys:
+        values = [r[k] for r in per_seed]
+        if values and isinstance(values[0], (list, tuple, np.ndarray)):
+            pairs = [spread(column) for column in zip(*values, strict=True)]
+            mean[k], sd[k] = [m for m, _ in pairs], [s for _, s in pairs]
+        else:
+            mean[k], sd[k] = spread(values)
+    return {"mean": mean, "sd": sd}
 
 
 def label(c) -> str:
@@ -80,7 +315,13 @@ def final_numbers(run_dir) -> tuple[dict, dict, object]:
         "converged_to_tol": s["converged_to_tol"],
         "residual_at_limit": s["residual_at_limit"],
         "jacobian": s["jacobian_frobenius_sq_per_dim"],
+        "spectral_radius": s.get("spectral_radius"),
+        "fwd_nfe_per_batch": s.get("fwd_nfe_per_batch"),
         "train_time_s": s["train_time_s"],
+        "train_time_s_by_mode": s.get("train_time_s_by_mode", {}),
+        "compile_s": s.get("compile_s", {}),
+        "step_memory_mb": s.get("step_memory_mb", {}),
         "pretrain_steps": c.train.pretrain_steps,
+        "seed": c.seed,
     }
     return numbers, s, c

@@ -1,12 +1,13 @@
 """The JR weight's schedules side by side: constant, staircase and adaptive γ on the same model.
 
-    python -m experiments.reproduce.schedules                        # digits, 3 runs, ~10 min
+    python -m experiments.reproduce.schedules                        # digits, 3 settings x 3 seeds
     python -m experiments.reproduce.schedules --size=large           # 2000 steps per run
     python -m experiments.reproduce.schedules --runs=runs/a,runs/b   # any finished run folders
 
-Without ``--runs`` it trains the digits MDEQ (Quickstart config; small: 300 steps of
-which 100 pretraining) three times into ``<out>/runs``, all starting from γ0 =
-``--gamma0``:
+Without ``--runs`` it trains (or reuses) three settings of the shared digits runs
+(``runs.digits``: the Quickstart config, 500 steps of which 150 pretraining) once per
+``--seeds`` seed, under ``--runs_dir`` (default ``runs/reproduce/digits``), all starting
+from γ0 = ``--gamma0``:
 
 * ``constant``: γ = γ0 throughout;
 * ``staircase`` (the official code's "jac_incremental"): γ0 + 0.1 every fifth of the DEQ
@@ -18,8 +19,12 @@ which 100 pretraining) three times into ``<out>/runs``, all starting from γ0 =
   or below the limit would only ever raise γ.
 
 Reports final quality, solver steps, residual at the limit, Jacobian norm, final γ and
-train time; figures: ``gamma.png`` (γ over training) and ``residual.png`` (the training
-batches' forward residual over training). Writes ``results.md`` and ``results.json``.
+train time as mean ± sample standard deviation over seeds, and whether the staircase and
+adaptive schedules differ from the constant one by more than the spread; figures:
+``gamma.png`` (γ over training) and ``train_residual.png`` (the training batches' forward
+residual over training), the mean with each seed as a thin line. Writes ``results.md``
+and ``results.json`` (every seed). Run folders given with ``--runs`` are grouped by their
+config without the seed.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ import experiments.cpu_flags as cpu_flags
 if __name__ == "__main__":
     cpu_flags.apply()  # before jax is imported: the same XLA CPU flags as experiments.train
 
-import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from deq_jax.train.metrics import read  # noqa: E402
@@ -46,17 +50,22 @@ FLAGS = flags.FLAGS
 STEP_CRITERION_OFF = 1000.0
 
 
-def configs(size: str, gamma0: float, target_residual: float) -> dict[str, dict]:
-    train = runs.DIGITS_SIZES[size]
-    every = max((train["num_steps"] - train["pretrain_steps"]) // 5, 1)
-    base = {"train": train, "eval": {"budgets": "12"}}
-    return {
-        "constant": runs.merge(base, {"jr": {"gamma": gamma0, "schedule": "constant"}}),
-        "staircase": runs.merge(base, {"jr": {"gamma": gamma0, "schedule": "staircase", "staircase_delta": 0.1,
-                                              "staircase_every": every}}),
-        "adaptive": runs.merge(base, {"jr": {"gamma": gamma0, "schedule": "adaptive",
-                                             "target_steps": STEP_CRITERION_OFF, "target_residual": target_residual}}),
-    }
+def configs(size: str, gamma0: float, target_residual: float, train_steps: int | None = None) -> dict[str, dict]:
+    """``{folder name: overrides}`` of the three schedules (shared digits registry)."""
+    length = runs.digits_length(size, train_steps)
+    every = max((length["num_steps"] - length["pretrain_steps"]) // 5, 1)
+    return dict([
+        runs.digits(size, gamma=gamma0, steps=train_steps),
+        runs.digits(size, gamma=gamma0, steps=train_steps,
+                    jr={"schedule": "staircase", "staircase_delta": 0.1, "staircase_every": every}),
+        runs.digits(size, gamma=gamma0, steps=train_steps,
+                    jr={"schedule": "adaptive", "target_steps": STEP_CRITERION_OFF,
+                        "target_residual": target_residual}),
+    ])
+
+
+SCALARS = ("final", "steps_at_limit", "steps_to_tol", "converged_to_tol", "residual_at_limit", "jacobian",
+           "final_gamma", "train_time_s")
 
 
 def collect(run_dir) -> dict:
@@ -64,11 +73,30 @@ def collect(run_dir) -> dict:
     numbers, _, c = runs.final_numbers(run_dir)
     rows = [r for r in read(Path(run_dir) / "metrics.jsonl") if r["kind"] == "train"]
     return numbers | {
+        "run": str(run_dir),
         "target_residual": c.jr.target_residual if c.jr.schedule == "adaptive" else None,
         "train_steps": [r["step"] for r in rows],
         "gamma": [r["gamma"] for r in rows],
         "train_residual": [r["fwd_residual"] for r in rows],
+        "final_gamma": rows[-1]["gamma"],
     }
+
+
+def combine(per_seed: list[dict]) -> dict:
+    """One setting over seeds: scalar means and sample standard deviations, and every
+    seed's numbers and curves (``per_seed``)."""
+    first = per_seed[0]
+    return {
+        **{k: first[k] for k in ("label", "data", "metric", "split", "limit", "pretrain_steps", "target_residual",
+                                 "train_steps")},
+        "seeds": [r["seed"] for r in per_seed],
+        "per_seed": [{k: r[k] for k in (*SCALARS, "gamma", "train_residual", "train_steps", "run")} for r in per_seed],
+        **runs.stats(per_seed, SCALARS),
+    }
+
+
+def _values(r, key):
+    return [s[key] for s in r["per_seed"]]
 
 
 def plot(results: list[dict], out: Path) -> list[Path]:
@@ -83,12 +111,11 @@ def plot(results: list[dict], out: Path) -> list[Path]:
         ax.axvspan(0, max(r["pretrain_steps"] for r in results), color="0.9", zorder=0,
                    label="pretraining (no solver, γ held)")
         for r in results:
-            y = np.asarray(r[key], float)
-            (line,) = (ax.semilogy if log else ax.plot)(r["train_steps"], y, label=r["label"])
+            color = figures.seed_lines(ax, r["train_steps"], [s[key] for s in r["per_seed"]],
+                                       f"{r['label']} ({len(r['seeds'])} seeds)", log=log)
             if key == "train_residual" and r["target_residual"] is not None:
-                ax.axhline(r["target_residual"], color=line.get_color(), ls=":", lw=1,
-                           label=f"{r['label']}: target")
-        ax.set(xlabel="training step", ylabel=ylabel, title=title)
+                ax.axhline(r["target_residual"], color=color, ls=":", lw=1, label=f"{r['label']}: target")
+        ax.set(xlabel="training step", ylabel=ylabel, title=f"{title}\n(mean over seeds; thin: each seed)")
         ax.legend(fontsize=8)
         paths.append(figures.save(fig, out / f"{key}.png"))
     return paths
@@ -96,30 +123,42 @@ def plot(results: list[dict], out: Path) -> list[Path]:
 
 def table(results: list[dict]) -> list[str]:
     r0 = results[0]
+    quality = "%" if r0["metric"] == "accuracy" else ".3f"
+    cols = (("final", f"{r0['split']} {r0['metric']}", quality), ("steps_at_limit", f"steps at limit {r0['limit']}",
+            ".2f"), ("steps_to_tol", "steps to tol", ".1f"), ("converged_to_tol", "reached tol", "%"),
+            ("residual_at_limit", "residual at limit", ".1e"), ("jacobian", "‖J‖²_F/d", ".3f"),
+            ("final_gamma", "final γ", ".2f"), ("train_time_s", "train time (s)", ".0f"))
     lines = [
-        f"| run | {r0['split']} {r0['metric']} | steps at limit {r0['limit']} | steps to tol | reached tol | "
-        "residual at limit | ‖J‖²_F/d | final γ | train time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Mean ± sample standard deviation over seeds:",
+        "",
+        "| run | seeds | " + " | ".join(name for _, name, _ in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
     ]
     for r in results:
-        quality = f"{r['final']:.1%}" if r["metric"] == "accuracy" else f"{r['final']:.3f}"
-        lines.append(
-            f"| {r['label']} | {quality} | {r['steps_at_limit']:.2f} | {r['steps_to_tol']:.1f} | "
-            f"{r['converged_to_tol']:.0%} | {r['residual_at_limit']:.1e} | {r['jacobian']:.3f} | "
-            f"{r['gamma'][-1]:.2f} | "
-            f"{r['train_time_s']:.0f} s |"
-        )
+        lines.append(f"| {r['label']} | {len(r['seeds'])} | "
+                     + " | ".join(runs.pm(_values(r, k), fmt) for k, _, fmt in cols) + " |")
+    lines += ["", runs.RULE, ""]
+    ref = r0
+    for r in results[1:]:
+        for key, what, fmt in (("final", f"final {r0['metric']}", quality),
+                               ("residual_at_limit", "residual at the limit", ".1e"),
+                               ("steps_to_tol", "steps to reach tol", ".1f"), ("jacobian", "‖J‖²_F/d", ".3f")):
+            lines.append(runs.compare_line(what, r["label"], _values(r, key), ref["label"], _values(ref, key), fmt))
     return lines
 
 
-def run(out: str, run_dirs=(), size: str = "small", gamma0: float = 0.5,
-        target_residual: float = 3e-2) -> list[dict]:
+def run(out: str, run_dirs=(), size: str = "small", gamma0: float = 0.5, target_residual: float = 3e-2, *,
+        seeds=runs.DEFAULT_SEEDS, runs_dir: str | None = None, train_steps: int | None = None) -> list[dict]:
+    """Returns one combined result per setting (see :func:`combine`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    run_dirs = [Path(r) for r in run_dirs] or runs.train_runs(out / "runs", configs(size, gamma0, target_residual))
-    results = [collect(r) for r in run_dirs]
+    if not run_dirs:
+        runs_dir = runs_dir or runs.digits_runs_dir(size, train_steps)
+        run_dirs = runs.train_runs(runs_dir, runs.seeded(configs(size, gamma0, target_residual, train_steps), seeds))
+    results = [combine([collect(r) for r in members]) for members in runs.group_runs(run_dirs).values()]
     paths = plot(results, out)
-    figures.write_results(out, f"γ schedules ({results[0]['data']})", table(results), paths, results)
+    body = ["Seeds: " + "; ".join(f"{r['label']} {r['seeds']}" for r in results) + ".", "", *table(results)]
+    figures.write_results(out, f"γ schedules ({results[0]['data']})", body, paths, results)
     return results
 
 
@@ -127,16 +166,23 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run(FLAGS.out, FLAGS.runs, FLAGS.size, FLAGS.gamma0, FLAGS.target_residual)
+    run(FLAGS.out, FLAGS.runs, FLAGS.size, FLAGS.gamma0, FLAGS.target_residual,
+        seeds=runs.parse_seeds(FLAGS.seeds), runs_dir=FLAGS.runs_dir, train_steps=FLAGS.train_steps)
     print(f"wrote {FLAGS.out}/results.md, gamma.png, train_residual.png")
 
 
 def define_flags():
     """The command-line flags (defined on demand: importing this module defines none)."""
     flags.DEFINE_string("out", "results/schedules", "Results folder.")
-    flags.DEFINE_list("runs", [], "Finished run folders (default: train digits once per schedule).")
-    flags.DEFINE_enum("size", "small", list(runs.DIGITS_SIZES),
-                      "Digits runs made here: 300 (small) or 2000 (large) steps.")
+    flags.DEFINE_list("runs", [], "Finished run folders, grouped by config without the seed (default: the "
+                      "shared digits runs, one setting per schedule; the first is the reference).")
+    flags.DEFINE_string("runs_dir", None, "Folder of the shared digits runs (default runs/reproduce/digits, "
+                        "_large for --size=large).")
+    flags.DEFINE_enum("size", "small", list(runs.DIGITS_LENGTH),
+                      "Digits runs made here: 500 (small, the Quickstart) or 2000 (large) steps.")
+    flags.DEFINE_string("seeds", "0,1,2", "Seeds, comma-separated: each setting is trained once per seed.")
+    flags.DEFINE_integer("train_steps", None, "Train the runs for this many steps instead (a quick check; own "
+                         "runs folder).")
     flags.DEFINE_float("gamma0", 0.5, "Starting γ of every schedule.")
     flags.DEFINE_float("target_residual", 3e-2, "The adaptive schedule's target forward residual.")
 
