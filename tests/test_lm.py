@@ -139,3 +139,33 @@ def test_lm_run_reports_bpc_and_samples_deterministically(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines()[-1] == ("The " + a).splitlines()[-1]
     assert json.loads((run / "config.json").read_text())["data"]["name"] == "pydoc"
+
+
+def test_language_models_solve_causally_by_default_in_training_evaluation_and_sampling():
+    """The LM configs' forward and evaluation solvers are causal along the sequence, the
+    image ones are not; sampling's logits at the last real token do not depend on what
+    fills the rest of the fixed-size window (exactly), while an ordinary solver's do."""
+    from experiments.configs import lm_pydoc
+
+    from deq_jax.train import objective
+
+    for c in (config_lib.resolve(lm_pydoc.get_config()), lm_config()):
+        setup = objective.solvers_from_config(c)
+        assert setup.forward.causal_axis == 1 and setup.eval_forward.causal_axis == 1
+    assert config_lib.resolve(lm_pydoc.get_config()).forward.solver == "anderson"
+    assert objective.solvers_from_config(config_lib.resolve({})).forward.causal_axis is None  # digits
+
+    c = lm_config(model={"dropout": 0.0})
+    task = make_task(c)
+    params = task.model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))["params"]
+    # Gains x3: far from converged within the 6 steps, where leakage would show.
+    params = jax.tree_util.tree_map_with_path(lambda path, p: p * 3.0 if path[-1].key == "g" else p, params)
+    window = np.zeros((1, 16), np.int32)
+    window[0, :5] = [3, 1, 4, 1, 5]
+    filled = window.copy()
+    filled[0, 5:] = np.arange(11) % task.data.vocab_size
+    causal = next_token_logits_fn(task, c)
+    np.testing.assert_array_equal(causal(params, window, 4), causal(params, filled, 4))
+    ordinary = next_token_logits_fn(task, config_lib.resolve(dict(c.to_dict(), forward={**c.forward.to_dict(),
+                                                                                        "causal": False})))
+    assert float(jnp.max(jnp.abs(ordinary(params, window, 4) - ordinary(params, filled, 4)))) > 1e-4

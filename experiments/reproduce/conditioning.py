@@ -8,7 +8,9 @@ decay, and JR (paper Figure 10a, 10b, 10c), over several seeds.
 
 Without ``--runs`` it trains (or reuses) three settings once per ``--seeds`` seed: no
 regularization (``jr.gamma=0``), decoupled weight decay (``optim.weight_decay``,
-``--weight_decay``) and JR (``--gamma``). On digits these are the shared runs of
+``--weight_decay``) and JR (``--gamma``, from the DEQ phase on: no JR while pretraining, the
+paper's CIFAR-10 protocol); ``--pretrain_gamma`` adds JR that also applies while pretraining
+(the official ImageNet protocol). On digits these are the shared runs of
 ``runs.digits`` (the Quickstart config, a checkpoint every 50 steps, all kept) under
 ``--runs_dir`` (default ``runs/reproduce/digits``), the same runs budgets.py,
 convergence.py and speedup.py use; with ``--data=pydoc`` the ``lm_pydoc``
@@ -61,12 +63,16 @@ PYDOC_LENGTH = {  # size -> training length and checkpoint interval of the pydoc
 
 
 def configs(size: str, weight_decay: float, gamma: float, data: str = "digits",
-            train_steps: int | None = None) -> dict[str, dict]:
+            train_steps: int | None = None, pretrain_gamma: float = 0.0) -> dict[str, dict]:
     """The three settings ``{folder name: overrides}``: the shared digits runs, or
-    ``lm_pydoc`` runs (``train_steps``: a quick check at that length)."""
+    ``lm_pydoc`` runs (``train_steps``: a quick check at that length). With
+    ``pretrain_gamma`` > 0 (digits), a fourth: JR also during pretraining with that weight."""
     if data == "digits":
-        return dict(runs.digits(size, gamma=g, weight_decay=wd, steps=train_steps)
-                    for g, wd in ((0.0, 0.0), (0.0, weight_decay), (gamma, 0.0)))
+        made = [runs.digits(size, gamma=g, weight_decay=wd, steps=train_steps)
+                for g, wd in ((0.0, 0.0), (0.0, weight_decay), (gamma, 0.0))]
+        if pretrain_gamma:
+            made.append(runs.digits(size, gamma=gamma, steps=train_steps, jr={"pretrain_gamma": pretrain_gamma}))
+        return dict(made)
     if train_steps is None:
         length = PYDOC_LENGTH[size] | {"keep_checkpoints": 1000, "eval_every": PYDOC_LENGTH[size]["num_steps"]}
     else:
@@ -277,7 +283,8 @@ def verdicts(results: list[dict], budget: int) -> list[str]:
 
 def run(out: str, run_dirs=(), size: str = "small", weight_decay: float = 0.5, gamma: float = 1.0,
         budget: int = 12, examples: int = 64, power_iters: int = 50, data: str = "digits", *,
-        seeds=runs.DEFAULT_SEEDS, runs_dir: str | None = None, train_steps: int | None = None) -> list[dict]:
+        seeds=runs.DEFAULT_SEEDS, runs_dir: str | None = None, train_steps: int | None = None,
+        pretrain_gamma: float = 0.0) -> list[dict]:
     """Returns one combined result per setting (see :func:`combine`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -285,8 +292,8 @@ def run(out: str, run_dirs=(), size: str = "small", weight_decay: float = 0.5, g
     given = bool(run_dirs)
     if not given:
         runs_dir = runs_dir or runs_dir_for(data, size, train_steps)
-        run_dirs = runs.train_runs(runs_dir, runs.seeded(configs(size, weight_decay, gamma, data, train_steps),
-                                                         seeds))
+        settings = configs(size, weight_decay, gamma, data, train_steps, pretrain_gamma)
+        run_dirs = runs.train_runs(runs_dir, runs.seeded(settings, seeds))
     t1 = time.perf_counter()
     results = [combine([analyse(r, budget, examples, power_iters) for r in members])
                for members in runs.group_runs(run_dirs).values()]
@@ -308,7 +315,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     run(FLAGS.out, FLAGS.runs, FLAGS.size, FLAGS.weight_decay, FLAGS.gamma, FLAGS.budget, FLAGS.examples,
         FLAGS.power_iters, FLAGS.data, seeds=runs.parse_seeds(FLAGS.seeds), runs_dir=FLAGS.runs_dir,
-        train_steps=FLAGS.train_steps)
+        train_steps=FLAGS.train_steps, pretrain_gamma=FLAGS.pretrain_gamma)
     print(f"wrote {FLAGS.out}/results.md, backward.png, residual_vs_jacobian.png, jacobian.png")
 
 
@@ -327,6 +334,9 @@ def define_flags():
                       "Steps per run made here: digits 500 / 2000, pydoc 1500 / 6000.")
     flags.DEFINE_float("weight_decay", 0.5, "Decoupled weight decay of the weight-decay run (AdamW).")
     flags.DEFINE_float("gamma", 1.0, "JR weight of the JR run.")
+    flags.DEFINE_float("pretrain_gamma", 0.0, "If > 0 (digits): a fourth setting, JR also during pretraining "
+                       "with this weight (the official ImageNet protocol; the others have none, as the paper's "
+                       "CIFAR-10 protocol).")
     flags.DEFINE_integer("budget", 12, "Solver steps at which residuals are read (the trained limit).")
     flags.DEFINE_integer("examples", 64, "Evaluation examples measured per checkpoint.")
     flags.DEFINE_integer("power_iters", 50, "Power-method iterations for the spectral radius "

@@ -90,6 +90,8 @@ def digits(size: str = "small", *, gamma: float = 1.0, weight_decay: float = 0.0
         name = f"adaptive_{gamma:g}_target_{jr.get('target_residual', default_config().jr.target_residual):g}"
     else:
         name = f"{schedule}_{gamma:g}"
+    if jr.get("pretrain_gamma", 0.0):
+        name += f"_pre_{jr['pretrain_gamma']:g}"
     if weight_decay:
         name += f"_wd_{weight_decay:g}"
     if limit != DIGITS_LIMIT:
@@ -284,6 +286,8 @@ def label(c) -> str:
     if j.gamma == 0 and j.schedule == "constant":
         return "no reg." if wd == 0 else f"weight decay {wd:g}"
     text = f"JR γ = {j.gamma:g}" if j.schedule == "constant" else f"JR {j.schedule} (γ0 = {j.gamma:g})"
+    if j.pretrain_gamma:
+        text += f", also in pretraining (γ = {j.pretrain_gamma:g})"
     return text + (f" + weight decay {wd:g}" if wd else "")
 
 
