@@ -90,9 +90,9 @@ def test_scripts_share_the_digits_runs():
         for name in ("gamma_0", "gamma_1"):
             assert cond[name] == bud[name] == conv[name]
         assert fast["gamma_0"] == cond["gamma_0"]
-    small = runs.resolved(conditioning.configs("small", 0.5, 1.0)["gamma_1"])
+    small = runs.resolved(budgets.configs("small", (4.0,))["gamma_4"])
     quickstart = runs.resolved({})
-    # The Quickstart config, apart from checkpoints kept and one evaluation at the end.
+    # The Quickstart config (JR γ = 4), apart from checkpoints kept and one evaluation at the end.
     assert small["train"] | {"keep_checkpoints": 3, "eval_every": 100} == quickstart["train"]
     assert {k: v for k, v in small.items() if k != "train"} == {k: v for k, v in quickstart.items() if k != "train"}
 
