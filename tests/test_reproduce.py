@@ -49,6 +49,7 @@ TINY_LM = {
               "eval_every": 4, "checkpoint_every": 2, "keep_checkpoints": 10},
     "forward": {"max_steps": 4, "random_lower": 0},
     "backward": {"max_steps": 4},
+    "jr": {"gamma": 1.0},
     "eval": {"batch_size": 64, "max_steps": 6, "budgets": "1,2,4", "jac_probes": 1, "spectral_iters": 5},
 }
 
