@@ -144,7 +144,8 @@ def fixed_point(
     Args:
       f: ``f(params, x, z) -> z``; pass everything differentiable through ``params``
         or ``x``, never by closure.
-      params, x: pytrees (``x`` may be None).
+      params, x: pytrees (``x`` may be None); every leaf of ``x`` is per example, with
+        z0's batch size as its leading axis.
       z0: initial batch; the gradient with respect to it is zero.
       forward: the forward solver.
       backward: a :class:`SolverConfig` for the implicit backward solve, or a
@@ -167,7 +168,23 @@ def fixed_point(
         step_limit = jnp.asarray(step_limit, jnp.int32)
         if step_limit.shape != ():
             raise ValueError(f"step_limit must be a scalar, got shape {step_limit.shape}")
+    _check_batch(x, z0)
     return _fixed_point(f, forward, backward, params, x, z0, probe, step_limit)
+
+
+def _check_batch(x, z0) -> None:
+    """``ValueError`` unless every leaf of ``x`` has z0's batch size as its leading axis
+    (a leaf of batch 1 would broadcast silently inside f, a mismatch fail deep in it)."""
+    z_leaves = jax.tree.leaves(z0)
+    if not z_leaves or any(jnp.ndim(leaf) < 1 for leaf in z_leaves):
+        return  # the solver reports a bad z0 itself
+    batch = jnp.shape(z_leaves[0])[0]
+    bad = [jnp.shape(leaf) for leaf in jax.tree.leaves(x) if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != batch]
+    if bad:
+        raise ValueError(
+            f"every leaf of x must have z0's batch size {batch} as its leading axis (pass what is "
+            f"shared by all examples through params); got x leaves of shapes {bad}"
+        )
 
 
 def _solve_forward(f, forward, params, x, z0, step_limit):
