@@ -103,7 +103,8 @@ class BackwardStats(NamedTuple):
     ``abs_residual``/``rel_residual``: of the adjoint equation at the returned u
     (NaN for :class:`Phantom`, which solves no equation); ``converged``: 1.0 or 0.0;
     ``vjp_evals``: VJPs of f the backward pass evaluated on the batch (the same for every
-    example: the batched loop runs until its slowest example stops).
+    example: the batched loop runs until its slowest example stops); ``nonfinite``: 1.0
+    where the adjoint solve met NaN/Inf.
     """
 
     n_steps: Array
@@ -111,12 +112,13 @@ class BackwardStats(NamedTuple):
     rel_residual: Array
     converged: Array
     vjp_evals: Array
+    nonfinite: Array
 
     @classmethod
     def zeros(cls, batch_size: int, dtype=jnp.float32) -> "BackwardStats":
         """A probe to pass as ``fixed_point(..., probe=...)``; its gradient is the stats."""
         zero = jnp.zeros((batch_size,), dtype)
-        return cls(zero, zero, zero, zero, zero)
+        return cls(zero, zero, zero, zero, zero, zero)
 
 
 DEFAULT_FORWARD = SolverConfig("broyden", max_steps=30, tol=1e-3)
@@ -226,6 +228,7 @@ def _stats_of(result: base.SolverResult) -> BackwardStats:
         rel_residual=result.rel_residual.astype(jnp.float32),
         converged=result.converged.astype(jnp.float32),
         vjp_evals=jnp.broadcast_to(result.f_evals, result.n_steps.shape).astype(jnp.float32),
+        nonfinite=result.nonfinite.astype(jnp.float32),
     )
 
 
@@ -250,6 +253,7 @@ def _phantom_vjp(f, phantom, params, x, z_star, g):
         rel_residual=jnp.full((batch,), jnp.nan, jnp.float32),
         converged=jnp.zeros((batch,), jnp.float32),
         vjp_evals=jnp.full((batch,), phantom.steps, jnp.float32),
+        nonfinite=jnp.zeros((batch,), jnp.float32),
     )
     return vjp_px(g), stats
 

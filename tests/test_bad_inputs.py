@@ -3,6 +3,7 @@ was expected: solvers, the implicit layer, the Jacobian tools, config resolution
 loaders and the command-line entry points. (Each module's own tests check its main
 errors in context; this module is the one list of them.)"""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,16 @@ def test_command_line_entry_points_report_bad_flags(args, message):
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout, proc.stderr[-2000:]
+
+
+def test_xla_cpu_flags_that_jaxlib_does_not_know_cannot_abort_start_up(monkeypatch):
+    """XLA aborts the process on an unknown flag: cpu_flags.apply tries them in a subprocess
+    first and runs without them (with a warning) when jax would not start."""
+    from experiments import cpu_flags
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    with pytest.warns(UserWarning, match="does not start with them"):
+        assert not cpu_flags.apply("--xla_cpu_flag_that_does_not_exist=true")
+    assert "XLA_FLAGS" not in os.environ
+    assert cpu_flags.apply()  # this jaxlib knows the real ones, and the backend is the CPU
+    assert os.environ["XLA_FLAGS"] == cpu_flags.CPU_FLAGS

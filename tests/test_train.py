@@ -243,6 +243,84 @@ def test_jr_gradient_reaches_the_cell_parameters():
         assert norms[outside] == 0, norms
 
 
+# --- non-finite steps ---------------------------------------------------------------
+
+
+def test_a_nan_example_skips_the_step_and_changes_nothing():
+    """One NaN pixel in one example: the forward solve flags that example and returns z0
+    for it, so the loss stays finite while every gradient is NaN. The step must leave
+    parameters and optimizer state as they were and say it was skipped."""
+    c, _, state, train_step = build(small_config(), mode="deq")
+    images, labels = fixed_batch()
+    before = jax.device_get(state)
+    new_state, metrics = train_step(state, images.at[3, 2, 2, 0].set(jnp.nan), labels)
+    assert np.isfinite(float(metrics["loss"]))  # the loss alone would not show it
+    assert float(metrics["skipped"]) == 1.0 and float(metrics["fwd_nonfinite"]) >= 1.0
+    chex.assert_trees_all_equal(jax.device_get(new_state.params), before.params)
+    chex.assert_trees_all_equal(jax.device_get(new_state.opt_state), before.opt_state)
+    assert int(new_state.step) == 1  # the step (and its batch) is consumed
+    _, metrics = train_step(new_state, images, labels)
+    assert float(metrics["skipped"]) == 0.0 and float(metrics["fwd_nonfinite"]) == 0.0
+
+
+def _poisoned(monkeypatch, steps):
+    """Training batches of the given global steps get a NaN pixel in their first image."""
+    import dataclasses
+
+    from deq_jax.train import loop
+
+    real = loop.make_task
+
+    def make_task(c):
+        task = real(c)
+
+        def train_batch(step):
+            images, labels = task.train_batch(step)
+            if step in steps:
+                images = images.copy()
+                images[0, 0, 0, 0] = np.nan
+            return images, labels
+
+        return dataclasses.replace(task, train_batch=train_batch)
+
+    monkeypatch.setattr(loop, "make_task", make_task)
+
+
+def _checkpoints_are_finite(run):
+    import flax.serialization
+
+    paths = list(run.glob("ckpt_*.msgpack"))
+    assert paths
+    for path in paths:
+        for leaf in jax.tree.leaves(flax.serialization.msgpack_restore(path.read_bytes())):
+            assert np.all(np.isfinite(np.asarray(leaf, np.float64))), path
+
+
+def test_a_run_with_a_nan_batch_finishes_with_finite_checkpoints(tmp_path, monkeypatch):
+    from deq_jax.train import train
+
+    _poisoned(monkeypatch, {6})
+    c = small_config(backward={"mode": "phantom", "phantom_steps": 2}, train={"keep_checkpoints": 10})
+    summary = train(c, tmp_path / "run", progress=False)
+    assert summary["steps"] == 12
+    rows = [r for r in metrics_lib.read(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert sum(r["skipped_steps"] for r in rows) == 1
+    assert [r["step"] for r in rows if r["skipped_steps"]] == [8]  # step 6 lies in the interval ending at 8
+    assert next(r for r in rows if r["step"] == 8)["fwd_nonfinite_examples"] >= 1
+    _checkpoints_are_finite(tmp_path / "run")
+
+
+def test_consecutive_nan_steps_stop_the_run_with_finite_checkpoints(tmp_path, monkeypatch):
+    from deq_jax.train import train
+
+    _poisoned(monkeypatch, set(range(5, 12)))
+    c = small_config(backward={"mode": "phantom", "phantom_steps": 2}, train={"max_skipped_steps": 3})
+    with pytest.raises(FloatingPointError, match=r"3 consecutive training steps \(5 to 7\).*NaN/Inf in the inputs"):
+        train(c, tmp_path / "run", progress=False)
+    _checkpoints_are_finite(tmp_path / "run")
+    assert sorted(int(p.stem.split("_")[1]) for p in (tmp_path / "run").glob("ckpt_*.msgpack")) == [4]
+
+
 # --- devices ------------------------------------------------------------------------
 
 MULTIDEVICE = r"""
