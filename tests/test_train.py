@@ -331,17 +331,25 @@ sys.path.insert(0, {tests!r})
 from test_train import build, fixed_batch, small_config
 from deq_jax.train import step as step_lib
 assert jax.device_count() == 4
-c = small_config(jr={{"prob": 1.0}}, backward={{"mode": "phantom", "phantom_steps": 2}})
+# The default implicit backward with its statistics probe, JR on every step, and plain SGD
+# without warm-up or clipping at a learning rate that moves the parameters by >= 1e-2: a
+# psum where a pmean belongs (or a per-device loss scale) would show (Adam would hide it).
+c = small_config(jr={{"prob": 1.0}}, optim={{"name": "sgd", "learning_rate": 0.5, "warmup_steps": 0, "clip_norm": 0.0,
+                                           "momentum": 0.0}})
 images, labels = fixed_batch(16)
 results = {{}}
 for n in (1, 4):
     _, _, state, train_step = build(c, mode="deq", devices=jax.devices()[:n])
+    start = jax.device_get(state.params)
     for _ in range(2):
         state, metrics = train_step(state, images, labels)
     results[n] = (jax.device_get(state.params), jax.device_get(metrics))
 (p1, m1), (p4, m4) = results[1], results[4]
+moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(start), strict=True))
+assert moved >= 1e-2, moved
 for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4), strict=True):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+assert np.isfinite(m1["bwd_residual"]) and m1["bwd_steps"] > 0
 for k in m1:
     np.testing.assert_allclose(m1[k], m4[k], rtol=1e-3, atol=1e-5, err_msg=k)
 # Evaluation: Jacobian probes and power-method starts follow each example's index in the
@@ -380,7 +388,8 @@ def _comparable(rows):
 def test_sigkilled_run_resumes_to_the_uninterrupted_metrics(tmp_path):
     from deq_jax.train import train
 
-    c = small_config(train={"num_steps": 24}, backward={"mode": "phantom", "phantom_steps": 2})
+    # The default implicit backward (adjoint solve and its statistics probe).
+    c = small_config(train={"num_steps": 24})
     reference = train(c, tmp_path / "reference", progress=False)
     assert reference["steps"] == 24 and (tmp_path / "reference" / "plots" / "training.png").exists()
 

@@ -185,6 +185,20 @@ def _all_finite(tree) -> bool:
                if np.issubdtype(np.asarray(leaf).dtype, np.inexact))
 
 
+def _check_same_start(start: int, run_dir: Path) -> None:
+    """On several hosts every process restores from ``run_dir``, which process 0 writes: all
+    must have found the same checkpoint (``run_dir`` on a filesystem every host shares)."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    lead_start = int(multihost_utils.broadcast_one_to_all(np.int64(start)))
+    if lead_start != start:
+        raise RuntimeError(
+            f"process {jax.process_index()} resumes from step {start} but process 0 from step {lead_start}: "
+            f"{run_dir} must be a folder every host shares (process 0 writes it, every process reads it)")
+
+
 def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> dict:
     """Trains a DEQ as ``config`` says (an MDEQ on images or a DEQ-Transformer on text,
     by ``data.name``), writing the run folder ``run_dir``.
@@ -218,6 +232,7 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
     if resume and checkpoint.steps(run_dir):
         host_state, start = checkpoint.restore(run_dir, state)
         state = jax.device_put(host_state, NamedSharding(mesh, P()))
+    _check_same_start(start, run_dir)
     if lead:
         writer.truncate_after(start)
         done = [r for r in read(writer.path) if r["kind"] == "train"] if writer.path.exists() else []
