@@ -103,7 +103,8 @@ class BackwardStats(NamedTuple):
     ``abs_residual``/``rel_residual``: of the adjoint equation at the returned u
     (NaN for :class:`Phantom`, which solves no equation); ``converged``: 1.0 or 0.0;
     ``vjp_evals``: VJPs of f the backward pass evaluated on the batch (the same for every
-    example: the batched loop runs until its slowest example stops).
+    example: the batched loop runs until its slowest example stops); ``nonfinite``: 1.0
+    where the adjoint solve met NaN/Inf.
     """
 
     n_steps: Array
@@ -111,12 +112,13 @@ class BackwardStats(NamedTuple):
     rel_residual: Array
     converged: Array
     vjp_evals: Array
+    nonfinite: Array
 
     @classmethod
     def zeros(cls, batch_size: int, dtype=jnp.float32) -> "BackwardStats":
         """A probe to pass as ``fixed_point(..., probe=...)``; its gradient is the stats."""
         zero = jnp.zeros((batch_size,), dtype)
-        return cls(zero, zero, zero, zero, zero)
+        return cls(zero, zero, zero, zero, zero, zero)
 
 
 DEFAULT_FORWARD = SolverConfig("broyden", max_steps=30, tol=1e-3)
@@ -144,7 +146,8 @@ def fixed_point(
     Args:
       f: ``f(params, x, z) -> z``; pass everything differentiable through ``params``
         or ``x``, never by closure.
-      params, x: pytrees (``x`` may be None).
+      params, x: pytrees (``x`` may be None); every leaf of ``x`` is per example, with
+        z0's batch size as its leading axis.
       z0: initial batch; the gradient with respect to it is zero.
       forward: the forward solver.
       backward: a :class:`SolverConfig` for the implicit backward solve, or a
@@ -167,7 +170,23 @@ def fixed_point(
         step_limit = jnp.asarray(step_limit, jnp.int32)
         if step_limit.shape != ():
             raise ValueError(f"step_limit must be a scalar, got shape {step_limit.shape}")
+    _check_batch(x, z0)
     return _fixed_point(f, forward, backward, params, x, z0, probe, step_limit)
+
+
+def _check_batch(x, z0) -> None:
+    """``ValueError`` unless every leaf of ``x`` has z0's batch size as its leading axis
+    (a leaf of batch 1 would broadcast silently inside f, a mismatch fail deep in it)."""
+    z_leaves = jax.tree.leaves(z0)
+    if not z_leaves or any(jnp.ndim(leaf) < 1 for leaf in z_leaves):
+        return  # the solver reports a bad z0 itself
+    batch = jnp.shape(z_leaves[0])[0]
+    bad = [jnp.shape(leaf) for leaf in jax.tree.leaves(x) if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != batch]
+    if bad:
+        raise ValueError(
+            f"every leaf of x must have z0's batch size {batch} as its leading axis (pass what is "
+            f"shared by all examples through params); got x leaves of shapes {bad}"
+        )
 
 
 def _solve_forward(f, forward, params, x, z0, step_limit):
@@ -209,6 +228,7 @@ def _stats_of(result: base.SolverResult) -> BackwardStats:
         rel_residual=result.rel_residual.astype(jnp.float32),
         converged=result.converged.astype(jnp.float32),
         vjp_evals=jnp.broadcast_to(result.f_evals, result.n_steps.shape).astype(jnp.float32),
+        nonfinite=result.nonfinite.astype(jnp.float32),
     )
 
 
@@ -233,6 +253,7 @@ def _phantom_vjp(f, phantom, params, x, z_star, g):
         rel_residual=jnp.full((batch,), jnp.nan, jnp.float32),
         converged=jnp.zeros((batch,), jnp.float32),
         vjp_evals=jnp.full((batch,), phantom.steps, jnp.float32),
+        nonfinite=jnp.zeros((batch,), jnp.float32),
     )
     return vjp_px(g), stats
 

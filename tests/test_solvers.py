@@ -1,5 +1,7 @@
 """Solvers against independent truths: linear fixed points solved by jnp.linalg.solve."""
 
+import importlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -251,3 +253,60 @@ def test_traced_step_limit_equals_static_max_steps(name):
         assert int(traced.f_evals) == lim + 1
     # Limits above max_steps are clipped to it.
     assert int(limited(50).f_evals) == 21
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_every_solver_keeps_its_dtypes_under_x64(name, dtype):
+    """With jax_enable_x64 on, float32 or bfloat16 state must not be promoted to float64
+    inside the loop (Anderson's identity matrix once was, and the while loop refused it)."""
+    with jax.enable_x64(True):
+        a, c, z_star = _affine_problem(jax.random.PRNGKey(9), 3, 8, 0.5)
+        a, c = a.astype(dtype), c.astype(dtype)
+        result = jax.jit(lambda z0: solvers.get(name)(lambda z: z @ a + c, z0, max_steps=40, tol=2e-2))(
+            jnp.zeros((3, 8), dtype)
+        )
+        assert result.z.dtype == dtype
+        assert bool(jnp.all(result.converged))
+        np.testing.assert_allclose(np.asarray(result.z, np.float32), np.asarray(z_star, np.float32), atol=0.1)
+
+
+def test_broyden_restarts_only_the_example_whose_update_overflows():
+    """Example 0's stored pairs are so large that its update overflows: it restarts (its
+    buffers emptied, a plain f step g taken), while example 1's step is exactly what it is
+    without example 0 in the batch."""
+    broyden_lib = importlib.import_module("deq_jax.solvers.broyden")  # the module, not the function
+    method = broyden_lib._method(memory=3)
+    key = jax.random.split(jax.random.PRNGKey(10), 4)
+    z_prev, z = jax.random.normal(key[0], (2, 5)), jax.random.normal(key[1], (2, 5))
+    fz = jax.random.normal(key[2], (2, 5))
+    state = method.init(z_prev, jax.random.normal(key[3], (2, 5)))
+    pairs = jax.random.normal(key[0], (2, 3, 5))
+    state = state._replace(us=pairs.at[0].multiply(1e30), vs=pairs.at[0].multiply(1e30), count=jnp.int32(3))
+    z_next, new = method.step(state, z, fz)
+    assert bool(jnp.all(jnp.isfinite(z_next)))
+    np.testing.assert_array_equal(z_next[0], z[0] + (fz[0] - z[0]))  # z + g: a plain f step
+    np.testing.assert_array_equal(new.us[0], 0.0)
+    np.testing.assert_array_equal(new.vs[0], 0.0)
+    np.testing.assert_array_equal(new.update[0], fz[0] - z[0])
+    alone = jax.tree.map(lambda leaf: leaf[1:] if jnp.ndim(leaf) else leaf, state)
+    z_alone, new_alone = method.step(alone, z[1:], fz[1:])
+    np.testing.assert_array_equal(z_next[1:], z_alone)
+    np.testing.assert_array_equal(new.us[1:], new_alone.us)
+
+
+def test_rel_mode_never_prefers_an_iterate_with_a_larger_absolute_residual_than_z0():
+    """Plain iteration of f(z) = 2z + c diverges from z0 = 0: z_k = (2^k - 1) c. Every
+    iterate's relative residual (2^k / (2^(k+1) - 1) -> 1/2) is below z0's (exactly 1),
+    but its absolute residual 2^k ||c|| is above z0's ||c||: z0 stays the best. An iterate
+    that meets tol is taken even so (tol 0.6: z_2 = 3c, relative residual 4/7)."""
+    c = jnp.array([[1.0, -2.0, 0.5]])
+    f = lambda z: 2.0 * z + c  # noqa: E731
+    result = solvers.fixed_point_iteration(f, jnp.zeros((1, 3)), max_steps=10, tol=1e-6)
+    assert int(result.n_steps[0]) == 0 and not bool(result.converged[0])
+    np.testing.assert_array_equal(result.z, 0.0)
+    np.testing.assert_allclose(result.abs_residual, jnp.linalg.norm(c), rtol=1e-6)
+    loose = solvers.fixed_point_iteration(f, jnp.zeros((1, 3)), max_steps=10, tol=0.6)
+    assert int(loose.n_steps[0]) == 2 and bool(loose.converged[0])
+    np.testing.assert_allclose(loose.z, 3.0 * c, rtol=1e-6)
+    np.testing.assert_allclose(loose.rel_residual, 4.0 / 7.0, rtol=1e-5)

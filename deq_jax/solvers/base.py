@@ -6,7 +6,8 @@ written here, that does the bookkeeping every method needs:
 
 * per-example residuals ``||f(z) - z||`` (norm over each example's trailing axes);
 * per-example stopping: an example that met ``tol`` stops changing;
-* per-example lowest-residual iterate, its step count and residuals;
+* per-example lowest-residual iterate, its step count and residuals (in ``rel`` mode an
+  iterate whose absolute residual exceeds z0's is the best only if it met ``tol``);
 * residual traces of shape ``[max_steps + 1, B]``;
 * non-finite values: a step that produces NaN/Inf for an example never replaces that
   example's best iterate; the example stops and ``nonfinite`` says it happened.
@@ -348,8 +349,14 @@ def solve(
         k = s.k + 1
         active = ~s.stopped
         failed = active & ~finite
-        # Causal: always the newest finite iterate (see module doc); else the lowest residual.
-        improved = active & finite if causal else active & finite & (metric < s.best_metric)
+        # Causal: always the newest finite iterate (see module doc); else the lowest residual,
+        # and in rel mode never one with a larger absolute residual than z0's unless it met
+        # tol: the relative residual of z0 = 0 is exactly 1, so without this an iterate far
+        # from the fixed point (||f(z) - z|| 100x z0's, ||f(z)|| larger still) could replace z0.
+        better = metric < s.best_metric
+        if use_rel:
+            better = better & ((abs_res <= abs0) | (metric < tol))
+        improved = active & finite if causal else active & finite & better
         keep = improved[..., None]
         # Met NaN/Inf: back to the best (causal: last finite) iterate, and stop.
         back = failed[..., None]

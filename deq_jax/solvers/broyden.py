@@ -74,16 +74,19 @@ def _method(memory: int) -> base.Method:
         vt = jnp.where(ok, vt, 0.0)
         # New H = H - u_slot v_slot^T + u vt^T; the next step is -H g.
         update = -(hg_kept + u * base.pdot(vt, g)[..., None])
-        # Overflow in H: restart from a plain f step rather than propose NaN.
-        update = jnp.where(jnp.isfinite(update), update, g)
-        new = BroydenState(
-            us=s.us.at[:, slot].set(u),
-            vs=s.vs.at[:, slot].set(vt),
-            z_prev=z,
-            g_prev=g,
-            update=update,
-            count=s.count + 1,
+        us, vs = s.us.at[:, slot].set(u), s.vs.at[:, slot].set(vt)
+        # Overflow in H for an example (g itself is finite, or the loop has stopped it):
+        # that example restarts, H = -I (its pairs are dropped), and takes a plain f step,
+        # so the next step's H g_prev = -update holds again. The buffers are only touched
+        # (a cond, not a select every step) when some example overflowed.
+        overflow = ~jnp.all(jnp.isfinite(update), axis=-1)  # [B]
+        update = jnp.where(overflow[:, None], g, update)
+        us, vs = jax.lax.cond(
+            jnp.any(overflow),
+            lambda: tuple(jnp.where(overflow[:, None, None], 0.0, b) for b in (us, vs)),
+            lambda: (us, vs),
         )
+        new = BroydenState(us=us, vs=vs, z_prev=z, g_prev=g, update=update, count=s.count + 1)
         return z + update, new
 
     return base.Method(init, step)

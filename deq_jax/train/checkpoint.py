@@ -1,19 +1,29 @@
 """Checkpoints of a train state: one file per step, written atomically, the last k kept.
 
 A checkpoint is ``ckpt_<step>.msgpack`` (flax serialization of the host copy of the
-state). It is written to a temporary file, flushed to disk, then renamed, so a run
-killed at any moment leaves either the previous checkpoints or the new one, never a
-partial file under a checkpoint name.
+state). It is written to a temporary file, flushed to disk, renamed, and the directory
+entry flushed too, so a run killed at any moment (or a machine losing power) leaves either
+the previous checkpoints or the new one, never a partial file under a checkpoint name.
+Restoring checks every leaf's shape and dtype against the template (a mismatch is an
+error naming the leaf); a newest checkpoint that cannot be read (truncated, corrupt) is
+skipped with a warning naming it, for the newest one that can.
+
+Why not Orbax: the train states here are replicated (every device holds the whole state),
+small, and written by one process, so one msgpack file per step does everything needed,
+with no further dependency; README "Reliability" lists what is guaranteed and the tests.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import flax.serialization
+from flax.traverse_util import flatten_dict
 import jax
+import numpy as np
 
 _NAME = re.compile(r"^ckpt_(\d{8})\.msgpack$")
 
@@ -41,34 +51,81 @@ def save(run_dir: str | os.PathLike, step: int, state, keep: int) -> Path:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _sync_dir(path.parent)
     for old in steps(run_dir)[:-keep]:
         _path(Path(run_dir), old).unlink(missing_ok=True)
     return path
 
 
-def _read(run_dir: str | os.PathLike, step: int | None) -> tuple[bytes, int]:
+def _sync_dir(directory: Path) -> None:
+    """Flushes a directory's entries (the rename) to disk, where the OS allows it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read(run_dir: str | os.PathLike, step: int | None) -> tuple[dict, int]:
+    """The saved state dict of ``step``, or of the newest readable checkpoint."""
     available = steps(run_dir)
     if not available:
         raise FileNotFoundError(f"no checkpoint (ckpt_*.msgpack) in {run_dir}")
-    step = available[-1] if step is None else step
-    if step not in available:
+    if step is not None and step not in available:
         raise FileNotFoundError(f"no checkpoint of step {step} in {run_dir}; it has steps {available}")
-    with open(_path(Path(run_dir), step), "rb") as fh:
-        return fh.read(), step
+    candidates = [step] if step is not None else available[::-1]
+    for i, s in enumerate(candidates):
+        path = _path(Path(run_dir), s)
+        try:
+            return flax.serialization.msgpack_restore(path.read_bytes()), s
+        except Exception as e:  # msgpack raises several types for a truncated or corrupt file
+            if i + 1 == len(candidates):
+                raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
+            warnings.warn(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
+                          f"using the older {_path(Path(run_dir), candidates[i + 1]).name}", stacklevel=3)
+    raise AssertionError("unreachable")
+
+
+def _like(template, saved: dict, source: str):
+    """``saved`` restored into the structure of ``template``, every leaf's shape and dtype
+    checked against it (``ValueError`` naming the first leaf that differs)."""
+    want = set(flatten_dict(flax.serialization.to_state_dict(template), sep="/"))
+    have = set(flatten_dict(saved, sep="/"))
+    if want != have:
+        raise ValueError(f"{source} does not match the model's state: leaves missing from the checkpoint "
+                         f"{sorted(want - have)[:5]}, leaves the model does not have {sorted(have - want)[:5]}")
+    restored = flax.serialization.from_state_dict(template, saved)
+    expected = jax.tree_util.tree_flatten_with_path(template)[0]
+    got = jax.tree.leaves(restored)
+    for (keys, want), have in zip(expected, got, strict=True):
+        have = np.asarray(have)
+        if tuple(have.shape) != tuple(want.shape) or have.dtype != np.dtype(want.dtype):
+            raise ValueError(
+                f"{source}: leaf {jax.tree_util.keystr(keys)} is {have.dtype}{list(have.shape)}, "
+                f"the model expects {np.dtype(want.dtype)}{list(want.shape)} (a checkpoint of another model or config?)")
+    return restored
 
 
 def restore(run_dir: str | os.PathLike, template, step: int | None = None):
-    """``(state, step)`` from the newest checkpoint (or ``step``), shaped like ``template``.
+    """``(state, step)`` from the newest readable checkpoint (or ``step``), shaped like
+    ``template``.
 
-    Raises ``FileNotFoundError`` if there is none.
+    Raises ``FileNotFoundError`` if there is none, ``ValueError`` if no candidate can be
+    read or its leaves do not match ``template``'s shapes and dtypes.
     """
-    data, step = _read(run_dir, step)
-    return flax.serialization.from_bytes(jax.device_get(template), data), step
+    saved, step = _read(run_dir, step)
+    return _like(jax.device_get(template), saved, str(_path(Path(run_dir), step))), step
 
 
 def restore_params(run_dir: str | os.PathLike, template, step: int | None = None):
     """``(params, step)``: only the parameters of a saved train state, shaped like
     ``template`` (arrays or ``jax.ShapeDtypeStruct``; no optimizer state needed)."""
-    data, step = _read(run_dir, step)
-    saved = flax.serialization.msgpack_restore(data)
-    return flax.serialization.from_state_dict(template, saved["params"]), step
+    saved, step = _read(run_dir, step)
+    if "params" not in saved:
+        raise ValueError(f"{_path(Path(run_dir), step)} holds no 'params' (not a train state checkpoint)")
+    return _like(template, saved["params"], str(_path(Path(run_dir), step))), step

@@ -54,6 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 100
     c.train.checkpoint_every = 50  # multiple of log_every (exact resume)
     c.train.keep_checkpoints = 3
+    c.train.max_skipped_steps = 10  # consecutive non-finite (skipped) steps before the run stops
 
     c.forward = ml_collections.ConfigDict()
     c.forward.solver = "broyden"
@@ -181,9 +182,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(t.seq_len >= 1, f"train.seq_len must be >= 1, got {t.seq_len}")
     _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     _require(t.num_steps >= 1, f"train.num_steps must be >= 1, got {t.num_steps}")
-    _require(0 <= t.pretrain_steps <= t.num_steps, "train.pretrain_steps must be in [0, train.num_steps]")
+    _require(
+        0 <= t.pretrain_steps < t.num_steps,
+        f"train.pretrain_steps must be in [0, train.num_steps) (some DEQ training must follow), got "
+        f"{t.pretrain_steps} with train.num_steps {t.num_steps}",
+    )
     _require(t.pretrain_layers >= 1, "train.pretrain_layers must be >= 1")
-    for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "max_skipped_steps"):
         _require(t[key] >= 1, f"train.{key} must be >= 1, got {t[key]}")
     _require(
         t.checkpoint_every % t.log_every == 0,

@@ -13,7 +13,6 @@ log boundaries, the resumed run writes the same metrics as an uninterrupted one
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -135,13 +134,69 @@ def _quality(row: dict, task: Task) -> str:
     return f"{key} {row[key]:.4f}" if key == "accuracy" else f"{key} {row[key]:.3f}"
 
 
+# Per-step metrics summed over a log interval, and the row key of each sum.
+COUNTS = {"skipped": "skipped_steps", "fwd_nonfinite": "fwd_nonfinite_examples",
+          "bwd_nonfinite": "bwd_nonfinite_examples"}
+
+
 def _mean_rows(history: list[dict]) -> dict:
+    """One ``train`` row from a log interval's per-step metrics: counts (:data:`COUNTS`) are
+    sums; the loss is a plain mean, so it is NaN when a step of the interval had a
+    non-finite loss (that step was skipped); every other metric is the mean over the steps
+    where it is finite (``jr`` is measured on some steps only)."""
     out = {}
     for key in history[0]:
         values = np.array([h[key] for h in history], np.float64)
-        finite = values[np.isfinite(values)]
-        out[key] = float(finite.mean()) if finite.size else float("nan")
+        if key in COUNTS:
+            out[COUNTS[key]] = float(values.sum())
+        elif key == "loss":
+            out[key] = float(values.mean())
+        else:
+            finite = values[np.isfinite(values)]
+            out[key] = float(finite.mean()) if finite.size else float("nan")
     return out
+
+
+def _check_skips(skipped: list[float], first_step: int, streak: tuple[int, int], limit: int, row: dict):
+    """Updates ``(streak length, its first step)`` with an interval's skipped flags (the
+    interval starts at global step ``first_step``); ``FloatingPointError`` once ``limit``
+    consecutive steps were skipped. Returns the new streak."""
+    length, start = streak
+    for i, flag in enumerate(skipped):
+        length, start = (length + 1, start if length else first_step + i) if flag else (0, 0)
+        if length >= limit:
+            end = first_step + i
+            cause = (
+                f"{row['fwd_nonfinite_examples']:.0f} examples of the last interval met NaN/Inf in their forward "
+                "solve: look for NaN/Inf in the inputs, or a cell that overflows"
+                if row.get("fwd_nonfinite_examples")
+                else "the training diverged: lower optim.learning_rate, raise jr.gamma or lower forward.max_steps"
+            )
+            raise FloatingPointError(
+                f"{length} consecutive training steps ({start} to {end}) had a non-finite loss or gradient and "
+                f"were skipped (train.max_skipped_steps = {limit}); the parameters are those from before step "
+                f"{start} and every checkpoint written is finite. Likely cause: {cause}."
+            )
+    return length, start
+
+
+def _all_finite(tree) -> bool:
+    return all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(jax.device_get(tree))
+               if np.issubdtype(np.asarray(leaf).dtype, np.inexact))
+
+
+def _check_same_start(start: int, run_dir: Path) -> None:
+    """On several hosts every process restores from ``run_dir``, which process 0 writes: all
+    must have found the same checkpoint (``run_dir`` on a filesystem every host shares)."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    lead_start = int(multihost_utils.broadcast_one_to_all(np.int64(start)))
+    if lead_start != start:
+        raise RuntimeError(
+            f"process {jax.process_index()} resumes from step {start} but process 0 from step {lead_start}: "
+            f"{run_dir} must be a folder every host shares (process 0 writes it, every process reads it)")
 
 
 def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> dict:
@@ -177,6 +232,7 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
     if resume and checkpoint.steps(run_dir):
         host_state, start = checkpoint.restore(run_dir, state)
         state = jax.device_put(host_state, NamedSharding(mesh, P()))
+    _check_same_start(start, run_dir)
     if lead:
         writer.truncate_after(start)
         done = [r for r in read(writer.path) if r["kind"] == "train"] if writer.path.exists() else []
@@ -199,6 +255,7 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
     )
     history, tick = [], time.perf_counter()
     compiled, compile_s, step_mb = {}, {}, {}
+    streak = (0, 0)  # consecutive skipped steps, and the first of them
     for s in range(start, c.train.num_steps):
         inputs, targets = task.train_batch(s)
         mode = "unrolled" if s < c.train.pretrain_steps else "deq"
@@ -214,7 +271,8 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
         bar.update(1)
         done_steps = s + 1
         if done_steps % c.train.log_every == 0 or done_steps == c.train.num_steps:
-            row = _mean_rows(jax.device_get(history))
+            history = jax.device_get(history)
+            row = _mean_rows(history)
             row |= task.derived(row["loss"])
             elapsed = time.perf_counter() - tick
             train_time += elapsed
@@ -235,11 +293,8 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
                 jr=f"{row['jr']:.2e}",
                 gamma=f"{row['gamma']:.2f}",
             )
-            if not math.isfinite(row["loss"]):
-                raise FloatingPointError(
-                    f"training loss became {row['loss']} by step {done_steps}; lower optim.learning_rate, "
-                    "raise jr.gamma or lower forward.max_steps (the last checkpoint is intact)"
-                )
+            skipped = [float(h["skipped"]) for h in history]
+            streak = _check_skips(skipped, done_steps - len(history), streak, c.train.max_skipped_steps, row)
             history, tick = [], time.perf_counter()
         final = done_steps == c.train.num_steps
         if done_steps % c.train.eval_every == 0 or final:
@@ -255,6 +310,11 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
                 )
             tick += time.perf_counter() - t0  # evaluation time is not training time
         if lead and (done_steps % c.train.checkpoint_every == 0 or final):
+            if not _all_finite(state):  # skipped steps make this unreachable; checked all the same
+                raise FloatingPointError(
+                    f"the training state at step {done_steps} is not finite; no checkpoint was written for it "
+                    "(the earlier ones are finite)"
+                )
             checkpoint.save(run_dir, done_steps, state, c.train.keep_checkpoints)
     bar.close()
     return _finish(run_dir, lead, task, compile_s)

@@ -15,7 +15,8 @@ gives the weight for step t + 1. All functions are jittable.
       gamma <- min(gamma * up, gamma_max)     if S > target_steps or R > target_residual
       gamma <- max(gamma * down, gamma_min)   if S < (1 - slack) target_steps and R <= target_residual
       gamma unchanged                          otherwise.
-  It only moves in DEQ mode (pretraining has no solver). So the penalty grows while
+  It only moves in DEQ mode (pretraining has no solver), and ignores a step whose
+  measurements are not finite. So the penalty grows while
   the solver struggles, which the paper found necessary as ||J|| keeps creeping up,
   and relaxes once the solver is comfortably fast, returning capacity to the task loss.
 """
@@ -81,6 +82,9 @@ def adaptive(
 ) -> GammaSchedule:
     def update(state, *, step, fwd_steps, fwd_residual, in_deq):
         del step
+        # A non-finite measurement (a step with NaN in it) is ignored, not averaged in: one
+        # NaN would otherwise stay in the moving average forever.
+        measured = jnp.isfinite(fwd_steps) & jnp.isfinite(fwd_residual)
         s = ema * state.ema_steps + (1 - ema) * fwd_steps
         r = ema * state.ema_residual + (1 - ema) * fwd_residual
         over = (s > target_steps) | (r > target_residual)
@@ -88,7 +92,7 @@ def adaptive(
         gamma = jnp.where(over, jnp.minimum(state.gamma * up, gamma_max), state.gamma)
         gamma = jnp.where(under & ~over, jnp.maximum(state.gamma * down, gamma_min), gamma)
         new = GammaState(gamma.astype(jnp.float32), s.astype(jnp.float32), r.astype(jnp.float32))
-        return jax.tree.map(lambda a, b: jnp.where(in_deq, a, b), new, state)
+        return jax.tree.map(lambda a, b: jnp.where(in_deq & measured, a, b), new, state)
 
     return GammaSchedule(_init(gamma0, target_steps, target_residual), update)
 

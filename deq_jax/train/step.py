@@ -94,6 +94,16 @@ def _max(x):
     return jax.lax.pmax(jnp.max(x.astype(jnp.float32)), DATA)
 
 
+def _count(flags):
+    """How many examples of the global batch have the flag."""
+    return jax.lax.psum(jnp.sum(flags.astype(jnp.float32)), DATA)
+
+
+def all_finite(tree) -> Array:
+    """True when every element of every leaf of ``tree`` is finite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
 def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: Callable, mesh: Mesh, mode: str):
     """The jitted ``train_step(state, inputs, targets) -> (state, metrics)`` of one mode.
 
@@ -105,7 +115,10 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
     lr, jr_applied, step_limit, fwd_steps, fwd_residual, fwd_converged, bwd_steps,
     bwd_residual (per-example means), fwd_nfe and bwd_nfe (f and VJP evaluations of the
     batched solver loops, which run until their slowest example stops; the most over
-    devices); the solver ones are NaN in pretraining.
+    devices); the solver ones are NaN in pretraining; fwd_nonfinite and bwd_nonfinite
+    (examples of the batch whose solve met NaN/Inf) and skipped (1.0 when the step's loss
+    or gradient was not finite: then parameters, optimizer state and gamma stay as they
+    were).
     """
     setup = objective.solvers_from_config(c)
     schedule = schedules.from_config(c)
@@ -162,20 +175,23 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
                 "fwd_residual": _mean(r.rel_residual),
                 "fwd_converged": _mean(r.converged),
                 "fwd_nfe": _max(r.f_evals),
+                "fwd_nonfinite": _count(r.nonfinite),
             }
         else:
-            metrics |= {"fwd_steps": nan, "fwd_residual": nan, "fwd_converged": nan, "fwd_nfe": nan}
+            metrics |= {"fwd_steps": nan, "fwd_residual": nan, "fwd_converged": nan, "fwd_nfe": nan,
+                        "fwd_nonfinite": jnp.float32(0.0)}
         if probe_grad is not None:
             metrics |= {
                 "bwd_steps": _mean(probe_grad.n_steps),
                 "bwd_residual": _mean(probe_grad.rel_residual),
                 "bwd_nfe": _max(probe_grad.vjp_evals),
+                "bwd_nonfinite": _count(probe_grad.nonfinite),
             }
         elif mode == "deq":
             steps = jnp.float32(setup.backward.steps)
-            metrics |= {"bwd_steps": steps, "bwd_residual": nan, "bwd_nfe": steps}
+            metrics |= {"bwd_steps": steps, "bwd_residual": nan, "bwd_nfe": steps, "bwd_nonfinite": jnp.float32(0.0)}
         else:
-            metrics |= {"bwd_steps": nan, "bwd_residual": nan, "bwd_nfe": nan}
+            metrics |= {"bwd_steps": nan, "bwd_residual": nan, "bwd_nfe": nan, "bwd_nonfinite": jnp.float32(0.0)}
         return grads, metrics
 
     sharded_local = jax.shard_map(
@@ -203,7 +219,18 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
             fwd_residual=metrics["fwd_residual"],
             in_deq=mode == "deq",
         )
+        # A step whose loss or gradient is not finite changes nothing (it is counted as
+        # skipped): one NaN example makes every gradient NaN while its loss can stay finite
+        # (the solver returns z0 for that example), so the gradient is checked too.
+        finite = (
+            jnp.isfinite(metrics["loss"])
+            & (~apply_jr | jnp.isfinite(metrics["jr"]))
+            & all_finite(grads)
+        )
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        params, opt_state, new_gamma = keep((params, opt_state, new_gamma), (state.params, state.opt_state, state.gamma))
         metrics |= {
+            "skipped": 1.0 - finite.astype(jnp.float32),
             "gamma": gamma,
             "lr": jnp.asarray(lr(state.step), jnp.float32),
             "jr_applied": apply_jr.astype(jnp.float32),
