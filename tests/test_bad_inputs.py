@@ -124,9 +124,11 @@ def test_xla_cpu_flags_that_jaxlib_does_not_know_cannot_abort_start_up(monkeypat
     first and runs without them (with a warning) when jax would not start."""
     from experiments import cpu_flags
 
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    # setenv, not delenv: monkeypatch then restores XLA_FLAGS after the test (apply() sets it,
+    # and the subprocesses of later tests must not inherit these flags).
+    monkeypatch.setenv("XLA_FLAGS", "")
     with pytest.warns(UserWarning, match="does not start with them"):
         assert not cpu_flags.apply("--xla_cpu_flag_that_does_not_exist=true")
-    assert "XLA_FLAGS" not in os.environ
+    assert os.environ["XLA_FLAGS"] == ""
     assert cpu_flags.apply()  # this jaxlib knows the real ones, and the backend is the CPU
     assert os.environ["XLA_FLAGS"] == cpu_flags.CPU_FLAGS

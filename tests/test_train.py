@@ -300,9 +300,11 @@ def test_a_run_with_a_nan_batch_finishes_with_finite_checkpoints(tmp_path, monke
     from deq_jax.train import train
 
     _poisoned(monkeypatch, {6})
-    c = small_config(backward={"mode": "phantom", "phantom_steps": 2}, train={"keep_checkpoints": 10})
+    # The resume test's config (implicit backward, 24 steps): the compiled steps are shared
+    # through the persistent compilation cache.
+    c = small_config(train={"num_steps": 24, "keep_checkpoints": 10})
     summary = train(c, tmp_path / "run", progress=False)
-    assert summary["steps"] == 12
+    assert summary["steps"] == 24
     rows = [r for r in metrics_lib.read(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
     assert sum(r["skipped_steps"] for r in rows) == 1
     assert [r["step"] for r in rows if r["skipped_steps"]] == [8]  # step 6 lies in the interval ending at 8
@@ -314,7 +316,7 @@ def test_consecutive_nan_steps_stop_the_run_with_finite_checkpoints(tmp_path, mo
     from deq_jax.train import train
 
     _poisoned(monkeypatch, set(range(5, 12)))
-    c = small_config(backward={"mode": "phantom", "phantom_steps": 2}, train={"max_skipped_steps": 3})
+    c = small_config(train={"num_steps": 24, "max_skipped_steps": 3})
     with pytest.raises(FloatingPointError, match=r"3 consecutive training steps \(5 to 7\).*NaN/Inf in the inputs"):
         train(c, tmp_path / "run", progress=False)
     _checkpoints_are_finite(tmp_path / "run")
