@@ -102,12 +102,12 @@ def _like(template, saved: dict, source: str):
     restored = flax.serialization.from_state_dict(template, saved)
     expected = jax.tree_util.tree_flatten_with_path(template)[0]
     got = jax.tree.leaves(restored)
-    for (keys, want), have in zip(expected, got, strict=True):
-        have = np.asarray(have)
-        if tuple(have.shape) != tuple(want.shape) or have.dtype != np.dtype(want.dtype):
+    for (keys, model_leaf), leaf in zip(expected, got, strict=True):
+        leaf = np.asarray(leaf)
+        if tuple(leaf.shape) != tuple(model_leaf.shape) or leaf.dtype != np.dtype(model_leaf.dtype):
             raise ValueError(
-                f"{source}: leaf {jax.tree_util.keystr(keys)} is {have.dtype}{list(have.shape)}, "
-                f"the model expects {np.dtype(want.dtype)}{list(want.shape)} (a checkpoint of another model or config?)")
+                f"{source}: leaf {jax.tree_util.keystr(keys)} is {leaf.dtype}{list(leaf.shape)}, the model "
+                f"expects {np.dtype(model_leaf.dtype)}{list(model_leaf.shape)} (a checkpoint of another model or config?)")
     return restored
 
 
