@@ -234,7 +234,7 @@ def test_two_training_steps_of_the_imagenet_config_at_32x32(tmp_path, monkeypatc
     c.forward.update(max_steps=4, random_lower=1)
     c.backward.update(max_steps=4)
     c.jr.update(prob=1.0)
-    c.eval.update(batch_size=4, max_steps=4, budgets="2,4", jac_probes=1)
+    c.eval.update(batch_size=4, max_steps=4, budgets="2,4", jac_probes=1, spectral_iters=5)
     c.data.image_size = 32
     with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
         summary = loop.train(c, tmp_path / "run", progress=False)

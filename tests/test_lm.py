@@ -31,7 +31,7 @@ def lm_config(**overrides):
         "forward": {"max_steps": 6, "random_lower": 1},
         "backward": {"max_steps": 6},
         "jr": {"prob": 1.0},
-        "eval": {"batch_size": 64, "max_steps": 8, "budgets": "2,6", "jac_probes": 1},
+        "eval": {"batch_size": 64, "max_steps": 8, "budgets": "2,6", "jac_probes": 1, "spectral_iters": 5},
     }
     for group, values in overrides.items():
         c.setdefault(group, {}).update(values)

@@ -34,7 +34,7 @@ def small_config(**overrides):
         "forward": {"max_steps": 5, "random_lower": 1},
         "backward": {"max_steps": 5},
         "jr": {"prob": 0.5},
-        "eval": {"batch_size": 120, "max_steps": 8, "budgets": "1,3,5", "jac_probes": 1},
+        "eval": {"batch_size": 120, "max_steps": 8, "budgets": "1,3,5", "jac_probes": 1, "spectral_iters": 5},
         "model": {"dropout": 0.2},
     }
     for group, values in overrides.items():
