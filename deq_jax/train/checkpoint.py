@@ -15,6 +15,7 @@ with no further dependency; README "Reliability" lists what is guaranteed and th
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import warnings
@@ -65,8 +66,9 @@ def _sync_dir(directory: Path) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:  # filesystems that cannot fsync a directory say so; anything else is an error
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 
