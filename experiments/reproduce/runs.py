@@ -28,6 +28,7 @@ import copy
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -192,8 +193,9 @@ def group_runs(run_dirs) -> dict[str, list[Path]]:
         config = saved_config(run)
         try:  # with the defaults of keys added since (as open_run reads it)
             config = resolved(config)
-        except ValueError:
-            pass
+        except ValueError as e:  # a config today's checks reject: grouped by what was saved
+            warnings.warn(f"{run}: its saved config no longer resolves ({e}); grouping it by the saved config",
+                          stacklevel=2)
         config.pop("seed", None)
         groups.setdefault(json.dumps(config, sort_keys=True), []).append(run)
     named: dict[str, list[Path]] = {}
