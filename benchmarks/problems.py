@@ -80,7 +80,7 @@ def transformer(batch: int = 16, length: int = 64, d_model: int = 128, gain: flo
 
     model = DEQTransformer(100, d_model=d_model, num_heads=4, d_ff=4 * d_model, pre_ln=False)
     tokens = jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0, 100)
-    params = model.init(jax.random.PRNGKey(seed + 1), tokens)["params"]
+    params = model.init(jax.random.PRNGKey(seed + 1), tokens, unroll=1)["params"]
     params = jax.tree_util.tree_map_with_path(lambda path, p: p * gain if path[-1].key == "g" else p, params)
     x = model.apply({"params": params}, tokens, None, method="inject")
 

@@ -6,6 +6,10 @@ The public API is flat:
     z_star, result = deq_jax.fixed_point(f, params, x, z0)
     penalty = deq_jax.hutchinson_frobenius(lambda z: f(params, x, z), z_star, key)
     result = deq_jax.solvers.broyden(g, z0)
+
+A DEQ layer inside your own model: :class:`deq_jax.linen.DEQ` (Flax Linen),
+:class:`deq_jax.nnx.DEQ` (Flax NNX), or :func:`deq_jax.equilibrium` on a pure
+``f(params, x, z)`` (Equinox, plain JAX).
 """
 
 from deq_jax import solvers
@@ -18,19 +22,25 @@ from deq_jax.deq import (
     unrolled,
 )
 from deq_jax.jacobian import exact_frobenius, hutchinson_frobenius, spectral_radius
+from deq_jax.layer import DEQStats, equilibrium
 from deq_jax.solvers import SolverResult
+from deq_jax import linen, nnx  # noqa: E402  (the layers use the names above)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackwardStats",
+    "DEQStats",
     "Phantom",
     "SolverConfig",
     "SolverResult",
     "adjoint_solve",
+    "equilibrium",
     "exact_frobenius",
     "fixed_point",
     "hutchinson_frobenius",
+    "linen",
+    "nnx",
     "solvers",
     "spectral_radius",
     "unrolled",

@@ -180,7 +180,7 @@ def _transformer(gain: float, pre_ln: bool):
     """A tiny DEQ-Transformer; ``gain`` scales every weight-norm gain (3: far from converged)."""
     model = DEQTransformer(V, d_model=32, num_heads=4, d_ff=64, pre_ln=pre_ln)
     tokens = jax.random.randint(jax.random.key(0), (B, T), 0, V)
-    params = model.init(jax.random.key(1), tokens)["params"]
+    params = model.init(jax.random.key(1), tokens, unroll=1)["params"]
     params = jax.tree_util.tree_map_with_path(lambda path, p: p * gain if path[-1].key == "g" else p, params)
     return model, params, tokens
 

@@ -155,7 +155,7 @@ def test_mdeq_small_shapes_at_32_and_224():
     model = MDEQ("small", num_classes=1000)
     for side, branches in ((32, [8, 4, 2, 1]), (224, [56, 28, 14, 7])):
         images = jnp.zeros((2, side, side, 3))
-        variables = jax.eval_shape(model.init, jax.random.key(0), images)
+        variables = jax.eval_shape(lambda k, im: model.init(k, im, unroll=1), jax.random.key(0), images)
         x = jax.eval_shape(lambda v, im: model.apply(v, im, method="inject"), variables, images)
         z = jax.eval_shape(lambda v, x: model.apply(v, x, method="initial_state"), variables, x)
         fz = jax.eval_shape(lambda v, x, z: model.apply(v, x, z, method="cell"), variables, x, z)

@@ -16,7 +16,7 @@ def test_output_shapes_for_each_size(size):
     model = MDEQ(size, num_classes=10, dropout=0.25)
     images = jnp.zeros((2,) + SHAPES[size])
     # Shapes only (eval_shape): the cifar size has 7M parameters.
-    variables = jax.eval_shape(model.init, jax.random.key(0), images)
+    variables = jax.eval_shape(lambda k, im: model.init(k, im, unroll=1), jax.random.key(0), images)
     x = jax.eval_shape(lambda v, im: model.apply(v, im, method="inject"), variables, images)
     z = jax.eval_shape(lambda v, x: model.apply(v, x, method="initial_state"), variables, x)
     fz = jax.eval_shape(lambda v, x, z: model.apply(v, x, z, method="cell"), variables, x, z)
@@ -32,11 +32,11 @@ def test_output_shapes_for_each_size(size):
 def test_weight_norm_and_dropout_masks():
     model = MDEQ("digits", dropout=0.5)
     images = jax.random.normal(jax.random.key(1), (6, 8, 8, 1))
-    params = model.init(jax.random.key(0), images)["params"]
+    params = model.init(jax.random.key(0), images, unroll=1)["params"]
     # Weight norm: scaling v leaves the conv unchanged.
-    v = params["blocks_0"]["WNConv_0"]["v"]
+    v = params["deq"]["cell"]["blocks_0"]["WNConv_0"]["v"]
     scaled = jax.tree.map(lambda a: a, params)
-    scaled["blocks_0"]["WNConv_0"]["v"] = 3.0 * v
+    scaled["deq"]["cell"]["blocks_0"]["WNConv_0"]["v"] = 3.0 * v
     x = model.apply({"params": params}, images, method="inject")
     z0 = model.apply({"params": params}, x, method="initial_state")
     out = model.apply({"params": params}, x, z0, method="cell")

@@ -1,7 +1,8 @@
 """Weight-tied DEQ-Transformer language model (Bai et al. 2019/2021) in Flax Linen.
 
-Same four methods as :class:`deq_jax.models.MDEQ`, so ``deq_jax.train.objective``
-drives it unchanged:
+Built like :class:`deq_jax.models.MDEQ`: a :class:`deq_jax.linen.DEQ` layer around
+:class:`DEQTransformerCell`; ``model.apply(variables, tokens, ...)`` returns a
+:class:`~deq_jax.models.ModelOutput`, and the same four pieces are methods:
 
 * :meth:`DEQTransformer.inject`: tokens ``[B, T]`` int -> ``x = {"injection": [B, T, D],
   "masks": [B, 1, F]}`` (the input injection, added inside every cell application, and the
@@ -35,6 +36,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from deq_jax import deq
+from deq_jax.linen import DEQ
+from deq_jax.models.output import ModelOutput
 
 Array = jax.Array
 
@@ -91,6 +96,34 @@ class CausalSelfAttention(nn.Module):
         return WNDense(d)(out)
 
 
+class DEQTransformerCell(nn.Module):
+    """One weight-tied causal Transformer block on ``z + injection``: ``[B, T, D] -> [B, T, D]``
+    (``x = {"injection": [B, T, D], "masks": [B, 1, d_ff]}``; see the module doc for pre-LN)."""
+
+    d_model: int
+    num_heads: int
+    d_ff: int
+    pre_ln: bool = True
+
+    def setup(self):
+        self.attention = CausalSelfAttention(self.num_heads)
+        self.ff_in = WNDense(self.d_ff)
+        self.ff_out = WNDense(self.d_model)
+        self.norms = [nn.LayerNorm() for _ in range(3 if self.pre_ln else 2)]
+
+    def _feed_forward(self, h: Array, mask: Array) -> Array:
+        return self.ff_out(nn.relu(self.ff_in(h)) * mask)
+
+    def __call__(self, x: dict[str, Any], z: Array) -> Array:
+        h = z + x["injection"]
+        if self.pre_ln:
+            h = h + self.attention(self.norms[0](h))
+            h = h + self._feed_forward(self.norms[1](h), x["masks"])
+            return self.norms[2](h)
+        h = self.norms[0](h + self.attention(h))
+        return self.norms[1](h + self._feed_forward(h, x["masks"]))
+
+
 class DEQTransformer(nn.Module):
     """Character- or word-level DEQ-Transformer LM (see module doc for the methods).
 
@@ -116,10 +149,7 @@ class DEQTransformer(nn.Module):
     def setup(self):
         self.embed = nn.Embed(self.vocab_size, self.d_model)
         self.inject_proj = nn.Dense(self.d_model)
-        self.attention = CausalSelfAttention(self.num_heads)
-        self.ff_in = WNDense(self.d_ff)
-        self.ff_out = WNDense(self.d_model)
-        self.norms = [nn.LayerNorm() for _ in range(3 if self.pre_ln else 2)]
+        self.deq = DEQ(DEQTransformerCell(self.d_model, self.num_heads, self.d_ff, self.pre_ln))
         self.final_norm = nn.LayerNorm()
         if not self.tie_embeddings:
             self.output = nn.Dense(self.vocab_size)
@@ -142,18 +172,9 @@ class DEQTransformer(nn.Module):
     def initial_state(self, x: dict[str, Any]) -> Array:
         return jnp.zeros_like(x["injection"])
 
-    def _feed_forward(self, h: Array, mask: Array) -> Array:
-        return self.ff_out(nn.relu(self.ff_in(h)) * mask)
-
     def cell(self, x: dict[str, Any], z: Array) -> Array:
         """One causal Transformer block on ``z + injection``: ``[B, T, D] -> [B, T, D]``."""
-        h = z + x["injection"]
-        if self.pre_ln:
-            h = h + self.attention(self.norms[0](h))
-            h = h + self._feed_forward(self.norms[1](h), x["masks"])
-            return self.norms[2](h)
-        h = self.norms[0](h + self.attention(h))
-        return self.norms[1](h + self._feed_forward(h, x["masks"]))
+        return self.deq.cell(x, z)
 
     def head(self, z: Array) -> Array:
         """Equilibrium state ``[B, T, D]`` -> logits ``[B, T, vocab_size]``."""
@@ -162,7 +183,33 @@ class DEQTransformer(nn.Module):
             return self.embed.attend(h)
         return self.output(h)
 
-    def __call__(self, tokens: Array) -> Array:
-        """One cell application from z0 (used to initialize every parameter)."""
-        x = self.inject(tokens)
-        return self.head(self.cell(x, self.initial_state(x)))
+    def __call__(
+        self,
+        tokens: Array,
+        dropout_keys: Array | None = None,
+        *,
+        unroll: int | None = None,
+        forward: deq.SolverConfig | None = None,
+        backward: deq.SolverConfig | deq.Phantom | None = None,
+        step_limit: Array | int | None = None,
+        probe: deq.BackwardStats | None = None,
+        jr_keys: Array | None = None,
+        jr_if: Array | bool | None = None,
+        jr_probes: int | None = None,
+    ) -> ModelOutput:
+        """Tokens ``[B, T]`` -> logits ``[B, T, vocab]`` through the equilibrium (or ``unroll``
+        cells); the keywords as in :meth:`deq_jax.models.MDEQ.__call__`."""
+        x = self.inject(tokens, dropout_keys)
+        z, stats = self.deq(
+            x,
+            self.initial_state(x),
+            unroll=unroll,
+            forward=forward,
+            backward=backward,
+            step_limit=step_limit,
+            probe=probe,
+            jr_keys=jr_keys,
+            jr_if=jr_if,
+            jr_probes=jr_probes,
+        )
+        return ModelOutput(self.head(z), z, x, stats)

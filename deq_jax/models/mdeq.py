@@ -1,20 +1,19 @@
 """Multiscale deep equilibrium model (MDEQ, Bai, Koltun & Kolter 2020) in Flax Linen.
 
-The model is split into the pieces a DEQ needs, each a method usable with
-``model.apply(variables, ..., method=...)``:
+The equilibrium is a :class:`deq_jax.linen.DEQ` layer around :class:`MDEQCell` (per-branch
+residual blocks, then multi-resolution fusion), so the model is built like any user's
+DEQ. ``model.apply(variables, images, ...)`` returns a :class:`~deq_jax.models.ModelOutput`
+(logits, z*, the cell input x, the layer's :class:`deq_jax.DEQStats`); its keyword
+arguments choose the solvers, the step budget, pretraining (``unroll=k``) and the JR term.
+The pieces are also methods usable with ``model.apply(variables, ..., method=...)``:
 
 * :meth:`MDEQ.inject`: images ``[B, H, W, C_in]`` -> the cell's input ``x`` (stem
   features for the highest-resolution branch, plus the variational-dropout masks,
   drawn once per forward pass so every solver step sees the same mask);
 * :meth:`MDEQ.initial_state`: ``x`` -> ``z0``, a tuple of zero feature maps, one per
   branch: ``[B, H / 2^i, W / 2^i, channels[i]]``;
-* :meth:`MDEQ.cell`: ``f(x, z) -> z``, one application of the weight-tied cell
-  (per-branch residual blocks, then multi-resolution fusion);
+* :meth:`MDEQ.cell`: ``f(x, z) -> z``, one application of the weight-tied cell;
 * :meth:`MDEQ.head`: ``z -> logits [B, num_classes]``.
-
-``deq_jax.train.objective`` ties them together through ``deq_jax.fixed_point`` with
-``f(params, x, z) = model.apply({"params": params}, x, z, method=MDEQ.cell)``, so the
-parameters reach the implicit layer as an argument, never by closure.
 
 Normalization is GroupNorm throughout (no batch statistics: examples stay independent,
 which per-example solver stopping needs, and there is no mutable state to shard). Where
@@ -36,6 +35,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from deq_jax import deq
+from deq_jax.linen import DEQ
+from deq_jax.models.output import ModelOutput
 
 Array = jax.Array
 
@@ -255,6 +258,26 @@ class Bottleneck(nn.Module):
         return nn.relu(h + shortcut)
 
 
+class MDEQCell(nn.Module):
+    """The weight-tied MDEQ cell ``(x, z) -> z``: a residual block per branch (the stem
+    features injected into the first, each with its dropout mask ``x["masks"][i]``),
+    then multi-resolution fusion. z is a tuple of ``[B, H / 2^i, W / 2^i, channels[i]]``."""
+
+    spec: MDEQSize
+
+    def setup(self):
+        s = self.spec
+        self.blocks = [ResidualBlock(c, s.expand, s.num_groups) for c in s.channels]
+        self.fuse = Fuse(s.channels, s.num_groups, s.post_fuse_groups, s.post_fuse_affine)
+
+    def __call__(self, x: dict[str, Any], z: tuple[Array, ...]) -> tuple[Array, ...]:
+        blocks = [
+            block(z_i, x["features"] if i == 0 else None, mask)
+            for i, (block, z_i, mask) in enumerate(zip(self.blocks, z, x["masks"], strict=True))
+        ]
+        return self.fuse(tuple(blocks))
+
+
 class MDEQ(nn.Module):
     """Multiscale DEQ classifier (see module doc for the methods).
 
@@ -278,8 +301,7 @@ class MDEQ(nn.Module):
         if s.inject_conv:
             self.inject_proj = nn.Conv(s.channels[0], (1, 1), use_bias=False)
             self.inject_norm = nn.GroupNorm(s.num_groups)
-        self.blocks = [ResidualBlock(c, s.expand, s.num_groups) for c in s.channels]
-        self.fuse = Fuse(s.channels, s.num_groups, s.post_fuse_groups, s.post_fuse_affine)
+        self.deq = DEQ(MDEQCell(s))
         if s.head == "bottleneck":
             widths = [4 * h for h in s.head_channels]
             self.head_proj = [Bottleneck(h, s.num_groups) for h in s.head_channels]
@@ -337,11 +359,7 @@ class MDEQ(nn.Module):
 
     def cell(self, x: dict[str, Any], z: tuple[Array, ...]) -> tuple[Array, ...]:
         """One application of the equilibrium cell: ``f(x, z) -> z`` (same shapes as z)."""
-        blocks = [
-            block(z_i, x["features"] if i == 0 else None, mask)
-            for i, (block, z_i, mask) in enumerate(zip(self.blocks, z, x["masks"], strict=True))
-        ]
-        return self.fuse(tuple(blocks))
+        return self.deq.cell(x, z)
 
     def head(self, z: tuple[Array, ...]) -> Array:
         """Equilibrium state -> logits ``[B, num_classes]``.
@@ -363,7 +381,37 @@ class MDEQ(nn.Module):
             y = nn.relu(self.head_final(y))
         return self.classifier(jnp.mean(y, axis=(1, 2)))
 
-    def __call__(self, images: Array) -> Array:
-        """One cell application from z0 (used to initialize every parameter)."""
-        x = self.inject(images)
-        return self.head(self.cell(x, self.initial_state(x)))
+    def __call__(
+        self,
+        images: Array,
+        dropout_keys: Array | None = None,
+        *,
+        unroll: int | None = None,
+        forward: deq.SolverConfig | None = None,
+        backward: deq.SolverConfig | deq.Phantom | None = None,
+        step_limit: Array | int | None = None,
+        probe: deq.BackwardStats | None = None,
+        jr_keys: Array | None = None,
+        jr_if: Array | bool | None = None,
+        jr_probes: int | None = None,
+    ) -> ModelOutput:
+        """Images ``[B, H, W, C_in]`` -> logits through the equilibrium (or ``unroll`` cells).
+
+        ``dropout_keys``: see :meth:`inject`; the other keywords go to the
+        :class:`deq_jax.linen.DEQ` layer (``model.init(key, images, unroll=1)``
+        initializes without a solve).
+        """
+        x = self.inject(images, dropout_keys)
+        z, stats = self.deq(
+            x,
+            self.initial_state(x),
+            unroll=unroll,
+            forward=forward,
+            backward=backward,
+            step_limit=step_limit,
+            probe=probe,
+            jr_keys=jr_keys,
+            jr_if=jr_if,
+            jr_probes=jr_probes,
+        )
+        return ModelOutput(self.head(z), z, x, stats)

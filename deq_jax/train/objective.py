@@ -1,9 +1,9 @@
 """The DEQ forward pass of a model and the training objective (task loss + gamma * JR).
 
-Works for any Flax module with the four methods of :class:`deq_jax.models.MDEQ`:
-``inject(inputs, dropout_keys) -> x``, ``initial_state(x) -> z0``, ``cell(x, z) -> z``
-and ``head(z) -> logits``. The cell reaches :func:`deq_jax.fixed_point` as
-``f(params, x, z)`` with the parameters as an argument.
+Works for the models of :mod:`deq_jax.models`: a call ``model(inputs, dropout_keys, ...)``
+through their :class:`deq_jax.linen.DEQ` layer returning a
+:class:`~deq_jax.models.ModelOutput`, and a ``cell(x, z) -> z`` method for quantities of
+the same map outside the forward pass (the evaluation's spectral radius).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from deq_jax import deq, jacobian
+from deq_jax import deq, layer
 from deq_jax.data.text import TEXT_DATA
 from deq_jax.solvers import base
 
@@ -62,6 +62,7 @@ class Forward(NamedTuple):
     z: Any
     x: Any
     result: base.SolverResult | None  # None when unrolled
+    jr: Array | None  # [B] JR term when jr_keys were given
 
 
 def forward(
@@ -76,29 +77,35 @@ def forward(
     step_limit: Array | int | None = None,
     probe: deq.BackwardStats | None = None,
     dropout_keys: Array | None = None,
+    jr_keys: Array | None = None,
+    jr_if: Array | bool | None = None,
+    jr_probes: int = 1,
 ) -> Forward:
-    """Inputs -> logits through the equilibrium (``mode="deq"``) or k unrolled cells (``"unrolled"``)."""
-    variables = {"params": params}
-    x = model.apply(variables, inputs, dropout_keys, method="inject")
-    z0 = model.apply(variables, x, method="initial_state")
-    f = cell_fn(model)
-    if mode == "deq":
-        z, result = deq.fixed_point(
-            f, params, x, z0, forward=config, backward=backward, probe=probe, step_limit=step_limit
-        )
-    elif mode == "unrolled":
-        z, result = deq.unrolled(f, params, x, z0, num_layers), None
-    else:
+    """Inputs -> logits through the equilibrium (``mode="deq"``) or k unrolled cells
+    (``"unrolled"``), with the ``[B]`` JR term when ``jr_keys`` are given (see
+    :func:`deq_jax.equilibrium`)."""
+    if mode not in ("deq", "unrolled"):
         raise ValueError(f"mode must be 'deq' or 'unrolled', got {mode!r}")
-    return Forward(model.apply(variables, z, method="head"), z, x, result)
+    out = model.apply(
+        {"params": params},
+        inputs,
+        dropout_keys,
+        unroll=num_layers if mode == "unrolled" else None,
+        forward=config,
+        backward=backward,
+        step_limit=step_limit,
+        probe=probe,
+        jr_keys=jr_keys,
+        jr_if=jr_if,
+        jr_probes=jr_probes,
+    )
+    return Forward(out.logits, out.z, out.x, out.stats.result, out.stats.jr)
 
 
 def jacobian_penalty(model, params, x, z, keys: Array, num_probes: int) -> Array:
-    """``[B]`` Hutchinson estimate of ``||J_f(z)||_F^2 / d`` at a constant z (the paper's JR)."""
-    f = cell_fn(model)
-    return jacobian.hutchinson_frobenius(
-        lambda zz: f(params, x, zz), jax.lax.stop_gradient(z), keys, num_probes=num_probes
-    )
+    """``[B]`` Hutchinson estimate of ``||J_f(z)||_F^2 / d`` at a constant z (the paper's JR),
+    for a z the forward pass has already returned."""
+    return layer.jacobian_term(cell_fn(model), params, x, z, keys, num_probes)
 
 
 def cross_entropy(logits: Array, labels: Array) -> Array:

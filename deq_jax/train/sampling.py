@@ -41,7 +41,7 @@ def open_run(run_dir: str | os.PathLike):
     c = resolve(json.loads(config_path.read_text()))
     task = make_task(c)
     template = jax.eval_shape(
-        lambda: task.model.init(jax.random.key(0), jnp.zeros(task.sample_input.shape, task.sample_input.dtype))
+        lambda: task.model.init(jax.random.key(0), jnp.zeros(task.sample_input.shape, task.sample_input.dtype), unroll=1)
     )["params"]
     return c, task, template
 

@@ -131,6 +131,7 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
         probe = deq.BackwardStats.zeros(batch) if (mode == "deq" and implicit) else None
 
         def loss_fn(params, probe):
+            jr_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys) if gamma_enabled else None
             out = objective.forward(
                 model,
                 params,
@@ -142,17 +143,12 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
                 step_limit=step_limit,
                 probe=probe,
                 dropout_keys=keys,
+                jr_keys=jr_keys,
+                jr_if=apply_jr,
+                jr_probes=c.jr.num_probes,
             )
             task = jnp.mean(objective.cross_entropy(out.logits, targets))
-            if gamma_enabled:
-                jr_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-                jr = jax.lax.cond(
-                    apply_jr,
-                    lambda: jnp.mean(objective.jacobian_penalty(model, params, out.x, out.z, jr_keys, c.jr.num_probes)),
-                    lambda: jnp.float32(0.0),
-                )
-            else:
-                jr = jnp.float32(0.0)
+            jr = jnp.mean(out.jr) if gamma_enabled else jnp.float32(0.0)
             # The local mean: gradients are averaged over the mesh below (equal shards).
             return task + gamma * jr, (task, jr, out)
 
@@ -269,7 +265,15 @@ def make_eval_step(model: nn.Module, c, mesh: Mesh, with_jacobian: bool):
     f = objective.cell_fn(model)
 
     def local(params, step_limit, inputs, targets, weights, first_index):
-        out = objective.forward(model, params, inputs, mode="deq", config=setup.eval_forward, step_limit=step_limit)
+        keys = None
+        if with_jacobian:
+            batch = inputs.shape[0]
+            index = first_index + jax.lax.axis_index(DATA) * batch + jnp.arange(batch)
+            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(c.seed + 1), i))(index)
+        out = objective.forward(
+            model, params, inputs, mode="deq", config=setup.eval_forward, step_limit=step_limit,
+            jr_keys=keys, jr_probes=c.eval.jac_probes,
+        )
         r = out.result
         example = (weights.reshape(weights.shape[0], -1).max(axis=1) > 0).astype(jnp.float32)
         sums = {
@@ -283,10 +287,7 @@ def make_eval_step(model: nn.Module, c, mesh: Mesh, with_jacobian: bool):
             "residual": r.rel_residual * example,
         }
         if with_jacobian:
-            batch = inputs.shape[0]
-            index = first_index + jax.lax.axis_index(DATA) * batch + jnp.arange(batch)
-            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(c.seed + 1), i))(index)
-            sums["jac"] = objective.jacobian_penalty(model, params, out.x, out.z, keys, c.eval.jac_probes) * example
+            sums["jac"] = out.jr * example
             if c.eval.spectral_iters:
                 z = jax.lax.stop_gradient(out.z)
                 power_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
@@ -325,7 +326,7 @@ def init_state(model: nn.Module, c, tx: optax.GradientTransformation, sample_inp
 
     @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
     def init():
-        params = model.init(jax.random.key(c.seed), jnp.zeros(sample_input.shape, sample_input.dtype))["params"]
+        params = model.init(jax.random.key(c.seed), jnp.zeros(sample_input.shape, sample_input.dtype), unroll=1)["params"]
         return TrainState(jnp.int32(0), params, tx.init(params), schedule.init())
 
     return init()

@@ -1,0 +1,107 @@
+"""A DEQ layer as one pure function: the solve, the pretraining unroll and the JR term::
+
+    z_star, stats = deq_jax.equilibrium(f, params, x, z0, jr_keys=key)
+    loss = task_loss(head(z_star)) + gamma * jnp.mean(stats.jr)
+
+This is what the framework layers (:class:`deq_jax.linen.DEQ`, :class:`deq_jax.nnx.DEQ`)
+call once they have turned the user's cell into ``f(params, x, z)`` with its parameters
+as an explicit argument; Equinox users call it directly with ``eqx.partition`` /
+``eqx.combine`` (see the README). Everything differentiable must reach ``f`` through
+``params`` or ``x``, never by closure; so should a traced PRNG key the cell uses (e.g.
+``params=(cell_params, dropout_key)``): JAX cannot lower a custom-VJP function that closes
+over a traced key under ``jax.grad`` of a jitted function ("No constant handler").
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from deq_jax import deq, jacobian
+from deq_jax.solvers import base
+
+Array = jax.Array
+PyTree = Any
+
+
+class DEQStats(NamedTuple):
+    """What a DEQ layer reports next to z*.
+
+    Attributes:
+      result: the forward :class:`~deq_jax.solvers.SolverResult` (steps, residuals,
+        convergence per example; ``None`` when the cell was unrolled instead of solved).
+      jr: ``[B]`` float32 Hutchinson estimate of ``||J_f(z*)||_F^2 / d`` at the constant
+        ``stop_gradient(z*)``, differentiable in ``params`` and ``x`` (the paper's JR
+        term); ``None`` unless JR keys were given.
+    """
+
+    result: base.SolverResult | None
+    jr: Array | None
+
+
+def equilibrium(
+    f: Callable,
+    params: PyTree,
+    x: PyTree,
+    z0: PyTree,
+    *,
+    forward: deq.SolverConfig = deq.DEFAULT_FORWARD,
+    backward: deq.SolverConfig | deq.Phantom = deq.DEFAULT_BACKWARD,
+    step_limit: Array | int | None = None,
+    probe: deq.BackwardStats | None = None,
+    unroll: int | None = None,
+    jr_keys: Array | None = None,
+    jr_probes: int = 1,
+    jr_if: Array | bool | None = None,
+) -> tuple[PyTree, DEQStats]:
+    """z* of ``z = f(params, x, z)`` (or ``unroll`` applications of f), with its statistics.
+
+    Args:
+      f, params, x, z0, forward, backward, step_limit, probe: as in
+        :func:`deq_jax.fixed_point` (z0's leaves are ``[B, ...]``).
+      unroll: None to solve for the fixed point; a positive int k to apply f k times
+        from z0 and differentiate through them (the pretraining mode, :func:`deq_jax.unrolled`).
+      jr_keys: None (no JR term), one PRNG key, or ``[B]`` typed keys (one per example:
+        the probes then do not depend on how the batch is split across devices).
+      jr_probes: Hutchinson probes per example.
+      jr_if: optional bool scalar (may be traced): compute the JR term only when true
+        (``jax.lax.cond``; the term is zeros otherwise), e.g. the paper's per-step coin.
+
+    Returns:
+      ``(z, stats)``: z with z0's structure and a :class:`DEQStats`.
+    """
+    if unroll is None:
+        z, result = deq.fixed_point(
+            f, params, x, z0, forward=forward, backward=backward, probe=probe, step_limit=step_limit
+        )
+    else:
+        z, result = deq.unrolled(f, params, x, z0, unroll), None
+    jr = None
+    if jr_keys is not None:
+        jr = jacobian_term(f, params, x, z, jr_keys, jr_probes, jr_if)
+    return z, DEQStats(result, jr)
+
+
+def jacobian_term(
+    f: Callable,
+    params: PyTree,
+    x: PyTree,
+    z: PyTree,
+    keys: Array,
+    num_probes: int = 1,
+    when: Array | bool | None = None,
+) -> Array:
+    """``[B]`` Hutchinson ``||J_f(z)||_F^2 / d`` at the constant ``stop_gradient(z)``,
+    differentiable in ``params`` and ``x``; zeros where ``when`` is false (see
+    :func:`equilibrium`)."""
+    z = jax.lax.stop_gradient(z)
+
+    def estimate():
+        return jacobian.hutchinson_frobenius(lambda zz: f(params, x, zz), z, keys, num_probes=num_probes)
+
+    if when is None:
+        return estimate()
+    shape = jax.eval_shape(estimate)
+    return jax.lax.cond(jnp.asarray(when, bool), estimate, lambda: jnp.zeros(shape.shape, shape.dtype))

@@ -1,0 +1,127 @@
+"""A deep equilibrium layer for Flax Linen: ``z* = cell(x, z*)`` inside your own model::
+
+    class Cell(nn.Module):                      # any module: cell(x, z) -> z
+        @nn.compact
+        def __call__(self, x, z):
+            return nn.tanh(nn.Dense(z.shape[-1])(z) + x)
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, inputs, jr_key=None):
+            x = nn.Dense(64)(inputs)
+            z, stats = deq_jax.linen.DEQ(Cell())(x, jr_keys=jr_key)   # z0 = zeros like x
+            return nn.Dense(10)(z), stats
+
+``stats`` is a :class:`deq_jax.DEQStats`: the forward solver's statistics and, when JR
+keys are given, the per-example Jacobian term to add to the loss
+(``loss + gamma * stats.jr.mean()``).
+
+How it works: the cell's variables are taken out of the module (``Module.unbind``) and
+passed to :func:`deq_jax.equilibrium` as the explicit ``params`` of a pure
+``f(params, x, z)``, so ``jax.grad`` of the enclosing model reaches them through the
+implicit backward pass and nothing differentiable is closed over. Randomness: for each
+rng stream in ``rng_streams`` that the call has (e.g. ``rngs={"dropout": key}``), one
+key is drawn per call and given to *every* evaluation of the cell, so a dropout mask is
+the same at every solver step, in the backward solve and in the JR term (a fixed map has
+a fixed point), and a new call (a new training step, a new key) draws new masks.
+
+The cell must not mutate variables (no BatchNorm statistics: use GroupNorm or
+LayerNorm, which also keep examples independent, as per-example stopping needs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deq_jax import deq
+from deq_jax.layer import DEQStats, equilibrium
+
+Array = jax.Array
+PyTree = Any
+
+
+class DEQ(nn.Module):
+    """Wraps a cell module ``cell(x, z) -> z`` into ``(x, z0) -> (z*, stats)``.
+
+    Attributes:
+      cell: a Linen module called as ``cell(x, z)``, returning z's structure and shapes.
+        Its parameters live under this layer's ``cell`` scope when the layer is built in
+        ``setup`` (under the enclosing module when the cell is built in ``@compact``).
+      forward: the forward :class:`~deq_jax.SolverConfig`.
+      backward: the backward :class:`~deq_jax.SolverConfig` (implicit) or
+        :class:`~deq_jax.Phantom`.
+      rng_streams: rng streams the cell may use (one key per call, fixed within a solve).
+      jr_probes: Hutchinson probes per example of the JR term.
+    """
+
+    cell: nn.Module
+    forward: deq.SolverConfig = deq.DEFAULT_FORWARD
+    backward: deq.SolverConfig | deq.Phantom = deq.DEFAULT_BACKWARD
+    rng_streams: tuple[str, ...] = ("dropout",)
+    jr_probes: int = 1
+
+    def __call__(
+        self,
+        x: PyTree,
+        z0: PyTree | None = None,
+        *,
+        step_limit: Array | int | None = None,
+        probe: deq.BackwardStats | None = None,
+        unroll: int | None = None,
+        jr_keys: Array | None = None,
+        jr_if: Array | bool | None = None,
+        jr_probes: int | None = None,
+        forward: deq.SolverConfig | None = None,
+        backward: deq.SolverConfig | deq.Phantom | None = None,
+    ) -> tuple[PyTree, DEQStats]:
+        """Solves ``z = cell(x, z)`` from ``z0`` (default: zeros like ``x``).
+
+        Args:
+          x: the cell's input (pytree; every leaf ``[B, ...]``).
+          z0: the initial state (pytree of ``[B, ...]`` leaves).
+          step_limit, probe: see :func:`deq_jax.fixed_point`.
+          unroll, jr_keys, jr_if: see :func:`deq_jax.equilibrium` (``unroll=k``:
+            pretraining through k cell applications; ``jr_keys``: request the JR term).
+          jr_probes, forward, backward: override the layer's attributes for this call
+            (e.g. a larger step budget at evaluation).
+
+        Returns:
+          ``(z, stats)``: z with z0's structure and a :class:`deq_jax.DEQStats`.
+        """
+        if z0 is None:
+            z0 = jax.tree.map(jnp.zeros_like, x)
+        if self.is_initializing():
+            self.cell(x, z0)  # creates the cell's variables
+        f, theta = self.cell_function()
+        return equilibrium(
+            f,
+            theta,
+            x,
+            z0,
+            forward=forward or self.forward,
+            backward=backward or self.backward,
+            step_limit=step_limit,
+            probe=probe,
+            unroll=unroll,
+            jr_keys=jr_keys,
+            jr_probes=jr_probes or self.jr_probes,
+            jr_if=jr_if,
+        )
+
+    def cell_function(self):
+        """``(f, theta)``: the pure ``f(theta, x, z) = cell(x, z)`` and its explicit inputs
+        ``theta = (variables, rngs)`` (the cell's variables; one key per rng stream the
+        call has, drawn now). Use it for other quantities of the same map, e.g.
+        ``deq_jax.spectral_radius(lambda z: f(theta, x, z), z_star, key)``."""
+        unbound, variables = self.cell.unbind()
+        rngs = {name: self.make_rng(name) for name in self.rng_streams if self.has_rng(name)}
+
+        def f(theta, x, z):
+            cell_variables, cell_rngs = theta
+            return unbound.apply(cell_variables, x, z, rngs=cell_rngs or None)
+
+        return f, (variables, rngs)

@@ -1,0 +1,26 @@
+"""What the models return: logits and the equilibrium they came from."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+
+from deq_jax.layer import DEQStats
+
+
+class ModelOutput(NamedTuple):
+    """A model's forward pass.
+
+    Attributes:
+      logits: ``[B, num_classes]`` (MDEQ) or ``[B, T, vocab]`` (DEQ-Transformer).
+      z: the equilibrium state (or the state after ``unroll`` cells), the cell's z structure.
+      x: the cell's input (injection and dropout masks), for other quantities of the same
+        map (e.g. its spectral radius).
+      stats: the DEQ layer's :class:`deq_jax.DEQStats` (forward solver result, JR term).
+    """
+
+    logits: jax.Array
+    z: Any
+    x: Any
+    stats: DEQStats
