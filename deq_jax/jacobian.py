@@ -9,7 +9,7 @@ shapes, examples independent, so J_f is block diagonal and each example b has it
   be a training loss (the paper's Jacobian regularization; its gradient is a second
   order pass through ``jax.vjp``).
 * :func:`exact_frobenius`: the same quantity exactly, from d VJPs (small problems).
-* :func:`spectral_radius`: power-method estimate of max |eigenvalue(J_b)|.
+* :func:`spectral_radius`: power-method estimate of ``max |eigenvalue(J_b)|``.
 
 To regularize a DEQ as the paper does, treat z* as a constant:
 ``hutchinson_frobenius(lambda z: f(params, x, z), jax.lax.stop_gradient(z_star), key)``.

@@ -122,7 +122,7 @@ def test_command_line_entry_points_report_bad_flags(args, message):
 def test_xla_cpu_flags_that_jaxlib_does_not_know_cannot_abort_start_up(monkeypatch):
     """XLA aborts the process on an unknown flag: cpu_flags.apply tries them in a subprocess
     first and runs without them (with a warning) when jax would not start."""
-    from experiments import cpu_flags
+    from deq_jax.train import cpu_flags
 
     # setenv, not delenv: monkeypatch then restores XLA_FLAGS after the test (apply() sets it,
     # and the subprocesses of later tests must not inherit these flags).

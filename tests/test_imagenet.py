@@ -19,7 +19,7 @@ from deq_jax.models import MDEQ, SIZES
 from deq_jax.train import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p.stem for p in (ROOT / "experiments" / "configs").glob("*.py") if p.stem != "__init__")
+CONFIGS = sorted(p.stem for p in (ROOT / "deq_jax" / "configs").glob("*.py") if p.stem != "__init__")
 
 
 class FakeSource:
@@ -170,7 +170,7 @@ def test_mdeq_small_shapes_at_32_and_224():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_resolves(name):
-    c = config_lib.resolve(importlib.import_module(f"experiments.configs.{name}").get_config())
+    c = config_lib.resolve(importlib.import_module(f"deq_jax.configs.{name}").get_config())
     if c.data.name in data.pipeline.IMAGE_DATA:
         assert c.model.size in SIZES
 
@@ -199,7 +199,7 @@ OFFICIAL = {
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
 def test_full_scale_configs_carry_the_official_values(name):
-    c = config_lib.resolve(importlib.import_module(f"experiments.configs.{name}").get_config())
+    c = config_lib.resolve(importlib.import_module(f"deq_jax.configs.{name}").get_config())
     for key, value in OFFICIAL[name].items():
         group, leaf = key.split(".")
         assert c[group][leaf] == value, key
@@ -218,11 +218,10 @@ def test_two_training_steps_of_the_imagenet_config_at_32x32(tmp_path, monkeypatc
     The model is MDEQ-small's architecture (stride-4 stem, injection conv, 8/4 GroupNorm
     groups, bottleneck head) at 2 narrow branches: compiling the 4-branch cell's train
     step alone takes minutes on 2 CPU cores (its shapes are tested above)."""
+    from deq_jax.configs import imagenet as imagenet_config
     from deq_jax.models import mdeq
     from deq_jax.train import loop
     from deq_jax.train.metrics import read
-
-    from experiments.configs import imagenet as imagenet_config
 
     reduced = dataclasses.replace(SIZES["small"], channels=(8, 16), expand=2, head_channels=(4, 8),
                                   final_channels=32)

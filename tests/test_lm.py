@@ -145,8 +145,7 @@ def test_language_models_solve_causally_by_default_in_training_evaluation_and_sa
     """The LM configs' forward and evaluation solvers are causal along the sequence, the
     image ones are not; sampling's logits at the last real token do not depend on what
     fills the rest of the fixed-size window (exactly), while an ordinary solver's do."""
-    from experiments.configs import lm_pydoc
-
+    from deq_jax.configs import lm_pydoc
     from deq_jax.train import objective
 
     for c in (config_lib.resolve(lm_pydoc.get_config()), lm_config()):

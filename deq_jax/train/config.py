@@ -1,6 +1,6 @@
 """The training configuration: every key, its default and its check.
 
-Configs are ``ml_collections.ConfigDict`` files (``experiments/configs/*.py``, each a
+Configs are ``ml_collections.ConfigDict`` files (``deq_jax/configs/*.py``, each a
 ``get_config()`` that starts from :func:`default_config`). :func:`resolve` merges a
 config into the defaults and rejects unknown keys, so a typo never passes silently.
 """

@@ -25,10 +25,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import experiments.cpu_flags as cpu_flags
+import deq_jax.train.cpu_flags as cpu_flags
 
 if __name__ == "__main__":
-    cpu_flags.apply()  # before jax is imported: the same XLA CPU flags as experiments.train
+    cpu_flags.apply()  # before jax's backend starts: the same XLA CPU flags as deq-jax-train
 
 from absl import app, flags, logging  # noqa: E402
 

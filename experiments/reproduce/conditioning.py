@@ -40,18 +40,18 @@ import sys
 import time
 from pathlib import Path
 
-import experiments.cpu_flags as cpu_flags
+import deq_jax.train.cpu_flags as cpu_flags
 
 if __name__ == "__main__":
-    cpu_flags.apply()  # before jax is imported: the same XLA CPU flags as experiments.train
+    cpu_flags.apply()  # before jax's backend starts: the same XLA CPU flags as deq-jax-train
 
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
+from deq_jax.configs import lm_pydoc  # noqa: E402
 from deq_jax.train import checkpoint  # noqa: E402
 from deq_jax.train.sampling import open_run  # noqa: E402
-from experiments.configs import lm_pydoc  # noqa: E402
 from experiments.reproduce import figures, measure, runs  # noqa: E402
 
 FLAGS = flags.FLAGS

@@ -2,7 +2,7 @@
 
 **One registry of digits runs** (:func:`digits`), shared by conditioning.py, budgets.py,
 schedules.py, convergence.py and speedup.py: every setting is the Quickstart config
-(``experiments/configs/digits.py``: 500 steps, 150 of them pretraining) with a checkpoint
+(``deq_jax/configs/digits.py``: 500 steps, 150 of them pretraining) with a checkpoint
 every 50 steps (all kept, for conditioning.py), the final evaluation at every forward
 budget (``eval.budgets="all"``) and one evaluation at the end (evaluation does not change
 training); only the setting's own keys differ (``jr.gamma``, weight decay, schedule,

@@ -55,10 +55,10 @@ import sys
 import time
 from pathlib import Path
 
-import experiments.cpu_flags as cpu_flags
+import deq_jax.train.cpu_flags as cpu_flags
 
 if __name__ == "__main__":
-    cpu_flags.apply()  # before jax is imported: the same XLA CPU flags as experiments.train
+    cpu_flags.apply()  # before jax's backend starts: the same XLA CPU flags as deq-jax-train
 
 import functools  # noqa: E402
 

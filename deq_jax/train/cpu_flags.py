@@ -1,8 +1,8 @@
-"""Faster XLA CPU code for DEQ training (same math), for the command-line entry points.
+"""Faster XLA CPU code for DEQ training (same math), for the command-line entry points::
 
-    import experiments.cpu_flags as cpu_flags
+    import deq_jax.train.cpu_flags as cpu_flags
     if __name__ == "__main__":
-        cpu_flags.apply()  # before jax is imported
+        cpu_flags.apply()  # before jax starts its backend
     import jax
 
 :func:`apply` adds ``--xla_cpu_experimental_ynn_fusion_type=individual_dot
@@ -11,6 +11,11 @@ performance notes"); a user's own ``XLA_FLAGS`` come last and win. Every script 
 calls it, so that a run gives the same numbers whichever script starts it: unregularized
 DEQ training is chaotic enough that a different float rounding order changes its outcome.
 Importing this module changes nothing (tests import the scripts without these flags).
+
+jax reads ``XLA_FLAGS`` when its backend starts (the first computation or device query),
+not at ``import jax``, so :func:`apply` still works after ``import deq_jax``: importing
+the library computes nothing (``tests/test_package.py`` checks that flags set after
+importing :mod:`deq_jax.train.cli` still reach XLA).
 
 The flags are experimental and XLA aborts the process on a flag it does not know, so
 :func:`apply` first starts jax once in a subprocess with them (about 2 s): it adds them
@@ -41,7 +46,8 @@ def _probe(flags: str) -> tuple[bool, str]:
 
 def apply(flags: str = CPU_FLAGS) -> bool:
     """Prepends ``flags`` to ``XLA_FLAGS`` (once) when jax starts with them and runs on the
-    CPU; call before jax is imported. Returns whether they are set."""
+    CPU; call before jax's backend starts (before the first computation). Returns whether
+    they are set."""
     current = os.environ.get("XLA_FLAGS", "")
     if flags in current:
         return True

@@ -5,7 +5,7 @@ Prepare once (internet): ``tfds build tiny_shakespeare --file_format array_recor
 characters; sized for a GPU (tens of minutes), slow but possible on CPU.
 """
 
-from experiments.configs import lm_pydoc
+from deq_jax.configs import lm_pydoc
 
 
 def get_config():

@@ -2,7 +2,7 @@
 
 After ``MDEQ-Vision/experiments/cifar/cls_mdeq_TINY.yaml`` of locuslab/deq: a small,
 unregularized MDEQ. It is **not** the paper's CIFAR-10 recipe: the paper's CIFAR-10 numbers
-(Tables 2-4) come from the 4-branch LARGE model with JR, ``experiments/configs/cifar.py``
+(Tables 2-4) come from the 4-branch LARGE model with JR, ``deq_jax/configs/cifar.py``
 (``cls_mdeq_LARGE_reg.yaml``). The paper column below is the CIFAR-10 column of Table 4,
 for reference only. Add JR with e.g. ``--config.jr.gamma=0.5 --config.jr.prob=0.05``.
 

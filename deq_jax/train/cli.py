@@ -1,0 +1,97 @@
+"""The training command: ``deq-jax-train`` (installed) or ``python -m experiments.train``
+(from a checkout). Thin: the work is in :func:`deq_jax.train.train`.
+
+Usage (also what ``deq-jax-train --help`` prints, with the flags)::
+
+    deq-jax-train                                           # digits default, with JR
+    deq-jax-train --config=deq_jax/configs/cifar_tiny.py \\
+        --config.data.data_dir=~/tensorflow_datasets --workdir=runs/cifar_tiny
+    deq-jax-train --config=deq_jax/configs/lm_pydoc.py      # DEQ-Transformer, text
+    deq-jax-train --workdir=runs/digits --resume            # continue a run
+
+``--config`` is an ``ml_collections`` config file; the default is ``digits.py`` in
+:mod:`deq_jax.configs`. Unknown ``--config.*`` keys are errors. Prints where the run folder
+and plots are. ``--help`` exits with status 0 (absl's own exits with 1).
+
+Importing this module defines the absl flags and changes nothing else. :func:`main` first
+sets the XLA CPU flags (:func:`deq_jax.train.cpu_flags.apply`): after the flags are parsed,
+before jax's backend starts (so ``--help`` and a bad flag answer without starting jax).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from deq_jax.train import cpu_flags
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "digits.py")
+_FLAG_NAMES = ("config", "workdir", "resume", "progress")
+
+config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run folder (default: runs/<config name>_<date-time>).")
+flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its newest checkpoint.")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+FLAGS = flags.FLAGS
+
+
+def _default_workdir() -> str:
+    name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
+    return os.path.join("runs", f"{name}_{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def main(argv):
+    """The absl main: trains ``--config`` into ``--workdir`` and prints where the results are."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cpu_flags.apply()  # before jax's backend starts: faster CPU code, same math
+    logging.set_verbosity(logging.WARNING)  # absl's INFO lines (e.g. "no TPU") are noise here
+    config = FLAGS.config
+    if config.multihost:
+        import jax
+
+        jax.distributed.initialize()
+
+    from deq_jax.train.loop import describe, train
+
+    if FLAGS.resume and not FLAGS.workdir:
+        raise app.UsageError("--resume needs --workdir, the run folder to continue")
+    workdir = FLAGS.workdir or _default_workdir()
+    summary = train(config, workdir, resume=FLAGS.resume, progress=FLAGS.progress)
+    print(f"\nrun folder: {summary['run_dir']}")
+    print(f"plots:      {', '.join(summary.get('plots', []))}")
+    print(describe(summary))
+
+
+_HELP = {"-?": False, "-help": False, "--help": False, "-helpshort": False, "--helpshort": False,
+         "-helpfull": True, "--helpfull": True}  # absl's help flags -> whether to list every flag
+
+
+def _help(full: bool) -> None:
+    """Prints the usage (the main script's docstring, else this module's) and the flags."""
+    print((sys.modules["__main__"].__doc__ or __doc__).rstrip() + "\n\nflags:")
+    print(FLAGS.get_help() if full else FLAGS.main_module_help())
+    if not full:
+        print("\nTry --helpfull to get a list of all flags.")
+
+
+def run() -> None:
+    """Runs the training command with ``sys.argv`` (the ``deq-jax-train`` console script)."""
+    # absl's --help lists the main script's flags; these are defined here, not there.
+    for name in _FLAG_NAMES:
+        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+    args = sys.argv[1:]
+    args = args[: args.index("--")] if "--" in args else args
+    asked = [_HELP[a] for a in args if a in _HELP]
+    if asked:  # answered here: absl's help flags exit with status 1
+        _help(full=any(asked))
+        sys.exit(0)
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
