@@ -32,11 +32,5 @@ autodoc_typehints = "signature"
 add_module_names = False
 
 exclude_patterns = ["_build"]
-# Pages of modules another branch adds (deq_jax.linen, deq_jax.nnx): built only once the
-# module's file exists in this checkout (a file test: an editable install elsewhere could
-# resolve the import). Then add them to the toctree in index.rst (an orphan page fails).
-exclude_patterns += [f"{name}.rst" for name in ("linen", "nnx")
-                     if not os.path.exists(os.path.join(ROOT, "deq_jax", f"{name}.py"))]
-
 html_theme = "alabaster"
 html_static_path = []
