@@ -50,7 +50,7 @@ def test_the_wheel_ships_only_deq_jax(wheel):
     configs = {p.name for p in (ROOT / "deq_jax" / "configs").glob("*.py")}
     assert "digits.py" in configs
     assert configs <= {Path(n).name for n in names if n.startswith("deq_jax/configs/")}
-    for module in ("deq_jax/solvers/broyden.py", "deq_jax/models/mdeq.py", "deq_jax/train/cli.py",
+    for module in ("deq_jax/solvers/broyden.py", "deq_jax/models/mdeq.py", "deq_jax/linen.py", "deq_jax/nnx.py", "deq_jax/train/cli.py",
                    "deq_jax/train/cpu_flags.py", "deq_jax/data/pipeline.py"):
         assert module in names
     entry_points = zipfile.ZipFile(wheel).read(f"{dist_info}entry_points.txt").decode()
@@ -70,6 +70,10 @@ assert bool(deq_jax.solvers.broyden(lambda z: f(None, x, z), jnp.zeros((1, 3))).
 jr = deq_jax.hutchinson_frobenius(lambda z: f(None, x, z), z, jax.random.PRNGKey(0))
 assert jr.shape == (1,) and bool(jnp.isfinite(jr).all()), jr
 assert issubclass(deq_jax.models.MDEQ, __import__("flax").linen.Module)
+assert issubclass(deq_jax.linen.DEQ, __import__("flax").linen.Module)
+assert issubclass(deq_jax.nnx.DEQ, __import__("flax").nnx.Module)
+z, stats = deq_jax.equilibrium(f, None, x, jnp.zeros((1, 3)), jr_keys=jax.random.PRNGKey(0))
+assert bool(stats.result.converged.all()) and stats.jr.shape == (1,), stats
 assert importlib.util.find_spec("experiments") is None, importlib.util.find_spec("experiments")
 print("ok", deq_jax.__version__)
 """
