@@ -26,7 +26,7 @@ from deq_jax.layer import DEQStats, equilibrium
 from deq_jax.solvers import SolverResult
 from deq_jax import linen, nnx  # noqa: E402  (the layers use the names above)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BackwardStats",

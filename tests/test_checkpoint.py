@@ -1,11 +1,14 @@
 """Checkpoints: atomic files, the last k kept, a corrupt newest one skipped with a warning,
 shapes and dtypes checked against the template."""
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from deq_jax.models import MDEQ
 from deq_jax.train import checkpoint
 
 
@@ -64,3 +67,32 @@ def test_a_checkpoint_of_another_model_names_the_mismatched_leaf(tmp_path, chang
     template["params"] = {"w": jnp.ones((3, 2))}  # a missing leaf
     with pytest.raises(ValueError, match="does not match the model's state"):
         checkpoint.restore(tmp_path, template)
+
+
+def test_a_checkpoint_with_the_0_1_cell_layout_restores_under_deq_cell_with_a_warning(tmp_path):
+    """deq_jax 0.1 models kept the cell's parameters at the top level; today they live
+    under the DEQ layer's ``deq/cell`` scope, in the parameters and in the optimizer's trees."""
+    params = MDEQ("digits").init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), unroll=1)["params"]
+    tx = optax.adam(1e-3)
+    new = {"step": jnp.int32(5), "params": params, "opt_state": tx.init(params)}
+
+    def old_layout(tree):  # the cell's modules moved up to the top level
+        tree = dict(tree)
+        return {**{k: v for k, v in tree.items() if k != "deq"}, **tree["deq"]["cell"]}
+
+    template = jax.tree.map(jnp.zeros_like, new)
+    saved = flax.serialization.to_state_dict(new)
+    saved["params"] = old_layout(saved["params"])
+    saved["opt_state"]["0"]["mu"] = old_layout(saved["opt_state"]["0"]["mu"])
+    saved["opt_state"]["0"]["nu"] = old_layout(saved["opt_state"]["0"]["nu"])
+    assert "blocks_0" in saved["params"] and "deq" not in saved["params"]
+    (tmp_path / "ckpt_00000005.msgpack").write_bytes(flax.serialization.msgpack_serialize(saved))
+    with pytest.warns(UserWarning, match="0.1's parameter layout"):
+        restored, step = checkpoint.restore(tmp_path, template)
+    assert step == 5
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), restored, jax.device_get(new))
+    # A checkpoint of another model is still refused, naming the leaves.
+    other = {"params": {"w": jnp.ones(2)}, "opt_state": saved["opt_state"], "step": 5}
+    (tmp_path / "ckpt_00000006.msgpack").write_bytes(flax.serialization.msgpack_serialize(other))
+    with pytest.raises(ValueError, match="leaves missing from the checkpoint"):
+        checkpoint.restore(tmp_path, template, step=6)

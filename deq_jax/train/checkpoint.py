@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 import flax.serialization
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 import jax
 import numpy as np
 
@@ -97,6 +97,7 @@ def _like(template, saved: dict, source: str):
     """``saved`` restored into the structure of ``template``, every leaf's shape and dtype
     checked against it (``ValueError`` naming the first leaf that differs)."""
     want = set(flatten_dict(flax.serialization.to_state_dict(template), sep="/"))
+    saved = _moved_cell_layout(want, saved, source)
     have = set(flatten_dict(saved, sep="/"))
     if want != have:
         raise ValueError(f"{source} does not match the model's state: leaves missing from the checkpoint "
@@ -111,6 +112,27 @@ def _like(template, saved: dict, source: str):
                 f"{source}: leaf {jax.tree_util.keystr(keys)} is {leaf.dtype}{list(leaf.shape)}, the model "
                 f"expects {np.dtype(model_leaf.dtype)}{list(model_leaf.shape)} (a checkpoint of another model or config?)")
     return restored
+
+
+_CELL = "deq/cell/"
+
+
+def _moved_cell_layout(want: set[str], saved: dict, source: str) -> dict:
+    """A checkpoint of deq_jax 0.1, whose models kept their cell's parameters at the top
+    level (``blocks_0``, ``fuse``; ``attention``, ``ff_in``, ...), restated in today's
+    layout, where they live under the ``deq/cell`` scope of the model's DEQ layer (in the
+    parameters and in every optimizer-state tree that mirrors them); other checkpoints
+    are returned unchanged."""
+    leaves = set(flatten_dict(saved, sep="/"))
+    if leaves == want or not any(_CELL in key for key in want):
+        return saved
+    old_name = {key.replace(_CELL, "", 1): key for key in want if _CELL in key}
+    if any(_CELL in key for key in leaves) or not set(old_name) <= leaves:
+        return saved  # not the old layout: _like reports the mismatch
+    warnings.warn(f"{source} has deq_jax 0.1's parameter layout (the cell at the model's top level); "
+                  f"restoring it under {_CELL[:-1]!r}", stacklevel=4)
+    flat = flatten_dict(saved, sep="/", keep_empty_nodes=True)
+    return unflatten_dict({old_name.get(key, key): value for key, value in flat.items()}, sep="/")
 
 
 def restore(run_dir: str | os.PathLike, template, step: int | None = None):
