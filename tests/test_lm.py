@@ -57,7 +57,8 @@ def test_pre_and_post_ln_both_train_a_step(pre_ln):
     after = jax.device_get(state.params)
     # The attention and feed-forward weights live only inside the cell: they moved.
     for name in ("attention", "ff_in", "ff_out"):
-        moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), before[name], after[name])
+        moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), before["deq"]["cell"][name],
+                             after["deq"]["cell"][name])
         assert max(jax.tree.leaves(moved)) > 0, name
 
 
