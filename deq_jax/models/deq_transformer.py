@@ -37,7 +37,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deq_jax import deq
 from deq_jax.linen import DEQ
 from deq_jax.models.output import ModelOutput
 
@@ -183,33 +182,9 @@ class DEQTransformer(nn.Module):
             return self.embed.attend(h)
         return self.output(h)
 
-    def __call__(
-        self,
-        tokens: Array,
-        dropout_keys: Array | None = None,
-        *,
-        unroll: int | None = None,
-        forward: deq.SolverConfig | None = None,
-        backward: deq.SolverConfig | deq.Phantom | None = None,
-        step_limit: Array | int | None = None,
-        probe: deq.BackwardStats | None = None,
-        jr_keys: Array | None = None,
-        jr_if: Array | bool | None = None,
-        jr_probes: int | None = None,
-    ) -> ModelOutput:
+    def __call__(self, tokens: Array, dropout_keys: Array | None = None, **layer_args) -> ModelOutput:
         """Tokens ``[B, T]`` -> logits ``[B, T, vocab]`` through the equilibrium (or ``unroll``
-        cells); the keywords as in :meth:`deq_jax.models.MDEQ.__call__`."""
+        cells); the arguments as in :meth:`deq_jax.models.MDEQ.__call__`."""
         x = self.inject(tokens, dropout_keys)
-        z, stats = self.deq(
-            x,
-            self.initial_state(x),
-            unroll=unroll,
-            forward=forward,
-            backward=backward,
-            step_limit=step_limit,
-            probe=probe,
-            jr_keys=jr_keys,
-            jr_if=jr_if,
-            jr_probes=jr_probes,
-        )
+        z, stats = self.deq(x, self.initial_state(x), **layer_args)
         return ModelOutput(self.head(z), z, x, stats)

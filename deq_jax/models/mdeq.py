@@ -36,7 +36,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deq_jax import deq
 from deq_jax.linen import DEQ
 from deq_jax.models.output import ModelOutput
 
@@ -381,37 +380,14 @@ class MDEQ(nn.Module):
             y = nn.relu(self.head_final(y))
         return self.classifier(jnp.mean(y, axis=(1, 2)))
 
-    def __call__(
-        self,
-        images: Array,
-        dropout_keys: Array | None = None,
-        *,
-        unroll: int | None = None,
-        forward: deq.SolverConfig | None = None,
-        backward: deq.SolverConfig | deq.Phantom | None = None,
-        step_limit: Array | int | None = None,
-        probe: deq.BackwardStats | None = None,
-        jr_keys: Array | None = None,
-        jr_if: Array | bool | None = None,
-        jr_probes: int | None = None,
-    ) -> ModelOutput:
+    def __call__(self, images: Array, dropout_keys: Array | None = None, **layer_args) -> ModelOutput:
         """Images ``[B, H, W, C_in]`` -> logits through the equilibrium (or ``unroll`` cells).
 
-        ``dropout_keys``: see :meth:`inject`; the other keywords go to the
-        :class:`deq_jax.linen.DEQ` layer (``model.init(key, images, unroll=1)``
-        initializes without a solve).
+        ``dropout_keys``: see :meth:`inject`. ``layer_args`` go to the
+        :class:`deq_jax.linen.DEQ` layer: ``unroll``, ``step_limit``, ``probe``, ``jr_keys``,
+        ``jr_if``, ``jr_probes``, ``forward``, ``backward`` (``model.init(key, images,
+        unroll=1)`` initializes without a solve).
         """
         x = self.inject(images, dropout_keys)
-        z, stats = self.deq(
-            x,
-            self.initial_state(x),
-            unroll=unroll,
-            forward=forward,
-            backward=backward,
-            step_limit=step_limit,
-            probe=probe,
-            jr_keys=jr_keys,
-            jr_if=jr_if,
-            jr_probes=jr_probes,
-        )
+        z, stats = self.deq(x, self.initial_state(x), **layer_args)
         return ModelOutput(self.head(z), z, x, stats)
