@@ -74,3 +74,48 @@ def test_bad_tokens_give_a_clear_error():
         model.init(jax.random.key(0), jnp.zeros((2, 5)))
     with pytest.raises(ValueError, match="divisible by num_heads"):
         DEQTransformer(V, d_model=30, num_heads=4).init(jax.random.key(0), jnp.zeros((2, 5), jnp.int32))
+
+
+# --- segment memory -------------------------------------------------------------------
+
+TIGHT = deq_jax.SolverConfig("broyden", max_steps=80, tol=1e-6, causal_axis=1)
+
+
+# Memory exactly full, or partly empty (the start of a stream).
+@pytest.mark.parametrize("pre_ln, first, mem_len", [(True, 6, 6), (True, 4, 8), (False, 6, 6)])
+def test_a_segment_with_memory_equals_the_same_tokens_in_one_long_segment(pre_ln, first, mem_len):
+    """At convergence the model is causal, so the equilibrium of tokens [first, first + 6)
+    attending to the memory of tokens [0, first) is that of the long segment [0, first + 6)
+    there: the same logits (rotary positions continue across the boundary)."""
+    model, params, _ = make(pre_ln)
+    with_memory = DEQTransformer(V, d_model=32, num_heads=4, d_ff=64, pre_ln=pre_ln, mem_len=mem_len)
+    tokens = jax.random.randint(jax.random.key(5), (B, first + 6), 0, V)
+    long = model.apply({"params": params}, tokens, forward=TIGHT)
+    assert bool(long.stats.result.converged.all())
+    first_out = with_memory.apply({"params": params}, tokens[:, :first], forward=TIGHT)
+    assert first_out.memory.states.shape == (B, mem_len, 32)
+    np.testing.assert_array_equal(first_out.memory.valid, np.arange(mem_len)[None].repeat(B, 0) >= mem_len - first)
+    second = with_memory.apply({"params": params}, tokens[:, first:], memory=first_out.memory, forward=TIGHT)
+    assert bool(second.stats.result.converged.all())
+    np.testing.assert_allclose(second.logits, long.logits[:, first:], atol=2e-4, rtol=2e-4)
+    np.testing.assert_allclose(first_out.logits, long.logits[:, :first], atol=2e-4, rtol=2e-4)
+    # Without the memory the second segment's predictions differ (the context matters).
+    alone = with_memory.apply({"params": params}, tokens[:, first:], forward=TIGHT)
+    assert float(jnp.max(jnp.abs(alone.logits - long.logits[:, first:]))) > 1e-2
+
+
+def test_memory_gets_no_gradient_and_bad_memory_is_an_error():
+    _, params, tokens = make()
+    model = DEQTransformer(V, d_model=32, num_heads=4, d_ff=64, mem_len=T)
+    memory = model.apply({"params": params}, tokens, forward=TIGHT).memory
+
+    def loss(states):
+        out = model.apply({"params": params}, tokens, memory=memory._replace(states=states), forward=TIGHT)
+        return jnp.sum(out.memory.states) + 0.0 * jnp.sum(out.logits)
+
+    # The next memory is a stop-gradient copy: it does not carry gradient to the previous one.
+    assert float(jnp.max(jnp.abs(jax.grad(loss)(memory.states)))) == 0.0
+    with pytest.raises(ValueError, match="mem_len"):
+        model.apply({"params": params}, tokens, memory=memory._replace(states=memory.states[:, 1:]))
+    with pytest.raises(ValueError, match="mem_len 0"):
+        DEQTransformer(V, d_model=32, num_heads=4, d_ff=64).apply({"params": params}, tokens, memory=memory)

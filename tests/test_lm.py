@@ -169,3 +169,70 @@ def test_language_models_solve_causally_by_default_in_training_evaluation_and_sa
     ordinary = next_token_logits_fn(task, config_lib.resolve(dict(c.to_dict(), forward={**c.forward.to_dict(),
                                                                                         "causal": False})))
     assert float(jnp.max(jnp.abs(ordinary(params, window, 4) - ordinary(params, filled, 4)))) > 1e-4
+
+
+# --- segment memory in training and evaluation ------------------------------------------------
+
+_MEMORY_DEVICES = r'''
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+sys.path.insert(0, sys.argv[1])
+from test_lm import lm_config
+from deq_jax.train import loop, objective, step as step_lib
+from deq_jax.train.optim import make_optimizer
+from deq_jax.train.tasks import make_task
+
+c = lm_config(data={"name": "pydoc_words"}, model={"mem_len": 16, "dropout": 0.0}, jr={"prob": 0.0},
+              optim={"name": "sgd", "learning_rate": 0.5, "warmup_steps": 0})
+task = make_task(c)
+out = {}
+for n in (1, 4):
+    mesh = step_lib.make_mesh(jax.devices()[:n])
+    tx, lr = make_optimizer(c)
+    state = step_lib.init_state(task.model, c, tx, task.sample_input, mesh)
+    train_step = step_lib.make_train_step(task.model, c, tx, lr, mesh, "deq")
+    data = NamedSharding(mesh, P("data"))
+    losses = []
+    for s in range(3):  # consecutive windows: each row continues its own stream
+        inputs, targets = (jax.device_put(a, data) for a in task.train_batch(s))
+        state, metrics = train_step(state, inputs, targets)
+        losses.append(float(metrics["loss"]))
+    assert len(state.memory.states.sharding.device_set) == n
+    assert bool(state.memory.valid.all())
+    eval_fn = step_lib.make_eval_step(task.model, c, mesh, with_jacobian=False)
+    row = loop.evaluate_split(eval_fn, state.params, task, mesh, 6, "valid")
+    out[n] = (losses, jax.device_get(state.memory), row["loss"])
+np.testing.assert_allclose(out[1][0], out[4][0], rtol=1e-5)
+np.testing.assert_allclose(out[1][1].states, out[4][1].states, rtol=1e-4, atol=1e-5)
+np.testing.assert_allclose(out[1][2], out[4][2], rtol=1e-5)
+print("OK", out[1][0], out[1][2])
+'''
+
+
+def test_segment_memory_crosses_device_shards_in_training_and_evaluation():
+    """Training with memory on 1 and 4 devices: the same losses, and the same memory (each
+    row's memory stays on the device holding that row's stream); evaluation carrying memory
+    across the valid stream gives the same loss."""
+    env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_DEVICES, str(ROOT / "tests")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_training_memory_is_the_previous_window_and_empties_when_the_stream_starts_over():
+    c = lm_config(data={"name": "pydoc_words"}, model={"mem_len": 24}, jr={"prob": 0.0})
+    task = make_task(c)
+    windows = text.stream_windows(task.data.train, c.train.batch_size, c.train.seq_len)
+    assert [task.stream_start(s) for s in (0, 1, windows - 1, windows, windows + 1)] == [True, False, False, True,
+                                                                                            False]
+    mesh = step_lib.make_mesh()
+    tx, lr = make_optimizer(c)
+    state = step_lib.init_state(task.model, c, tx, task.sample_input, mesh)
+    assert not bool(state.memory.valid.any())
+    train_step = step_lib.make_train_step(task.model, c, tx, lr, mesh, "unrolled")
+    state, _ = train_step(state, *task.train_batch(0))
+    # One 16-token window in a 24-slot memory: the last 16 slots are valid.
+    np.testing.assert_array_equal(np.asarray(state.memory.valid[0]), np.arange(24) >= 8)
+    state, _ = train_step(state, *task.train_batch(1))
+    assert bool(state.memory.valid.all())

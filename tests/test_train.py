@@ -361,7 +361,8 @@ sums = {{}}
 for n in (1, 4):
     cc, model, _, _ = build(c, mode="deq", devices=jax.devices()[:n])
     eval_step = step_lib.make_eval_step(model, cc, step_lib.make_mesh(jax.devices()[:n]), with_jacobian=True)
-    sums[n] = jax.device_get(eval_step(p1, np.int32(5), images, labels, np.ones(16, np.float32), np.int32(32)))
+    sums[n], _ = jax.device_get(eval_step(p1, np.int32(5), images, labels, np.ones(16, np.float32), np.int32(32),
+                                          None))
 for k in ("jac", "spectral", "loss", "residual"):
     np.testing.assert_allclose(sums[1][k], sums[4][k], rtol=1e-4, err_msg=k)
 assert sums[1]["spectral"] > 0

@@ -1,22 +1,40 @@
-"""Text for language modelling: the embedded pydoc corpus, tiny_shakespeare, WikiText-103.
+"""Text for language modelling: the embedded pydoc corpus (characters or words),
+tiny_shakespeare, WikiText-103.
 
-All three give a :class:`TextDataset` of int32 token streams; :func:`stream_batch` cuts a
+All give a :class:`TextDataset` of int32 token streams; :func:`stream_batch` cuts a
 stream into B contiguous sub-streams and serves length-T windows in order (the usual
 language-modelling batching, so a window continues where the previous one ended).
+
+Word-level vocabularies (``pydoc_words``, ``wikitext103``) are in frequency order, as
+the adaptive softmax's cutoffs assume: ``<eos>`` is id 0, then the words by descending
+training count (ties: first appearance), ``<unk>`` placed by its own count; see
+:func:`frequency_vocab`.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-TEXT_DATA = ("pydoc", "tiny_shakespeare", "wikitext103")
+TEXT_DATA = ("pydoc", "pydoc_words", "tiny_shakespeare", "wikitext103")
 SPLITS = ("train", "valid", "test")
-# The pydoc corpus is split by position: the first 90% train, then 5% valid, 5% test.
+# The pydoc corpora are split by position: the first 90% train, then 5% valid, 5% test
+# (of the characters for "pydoc", of the word tokens for "pydoc_words").
 PYDOC_FRACTIONS = (0.9, 0.05, 0.05)
+EOS, UNK = "<eos>", "<unk>"
+# pydoc_words tokenizer: runs of word characters (letters, digits, "_"), or one
+# punctuation/symbol character; whitespace separates tokens and is dropped.
+WORD_PATTERN = r"\w+|[^\w\s]"
+# Default pydoc_words vocabulary size, <eos> and <unk> included. 2048 keeps the training
+# words seen at least 3 times (WikiText-103's own rule for <unk>), so <unk> is as common
+# in train (~2.6%) as in valid (~2.4%) and a model learns to predict it.
+PYDOC_WORDS_VOCAB = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +46,8 @@ class TextDataset:
       level: ``"char"`` or ``"word"``.
       vocab: token strings; token id i is ``vocab[i]``.
       train, valid, test: ``[N]`` int32 token ids.
+      word_pattern: for word level, the regex that :meth:`encode` splits text with
+        (``None``: split on whitespace, for corpora that come tokenized).
     """
 
     name: str
@@ -36,6 +56,7 @@ class TextDataset:
     train: np.ndarray
     valid: np.ndarray
     test: np.ndarray
+    word_pattern: str | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -46,14 +67,23 @@ class TextDataset:
         return sep.join(self.vocab[int(i)] for i in ids)
 
     def encode(self, text: str) -> np.ndarray:
-        """Text -> ids; characters/words outside the vocabulary are an error (char) or ``<unk>`` (word)."""
+        """Text -> ids; characters/words outside the vocabulary are an error (char) or ``<unk>`` (word).
+
+        Word level: the text is split with ``word_pattern`` (literal ``<eos>``/``<unk>``
+        are read as those tokens, so ``encode(decode(ids))`` gives back ``ids``) or on
+        whitespace; line ends add no ``<eos>``.
+        """
         index = {t: i for i, t in enumerate(self.vocab)}
         if self.level == "char":
             missing = sorted(set(text) - set(index))
             if missing:
                 raise ValueError(f"characters not in the {self.name} vocabulary: {missing}")
             return np.array([index[ch] for ch in text], np.int32)
-        return np.array([index.get(w, index["<unk>"]) for w in text.split()], np.int32)
+        if self.word_pattern is None:
+            words = text.split()
+        else:
+            words = re.findall(f"{re.escape(EOS)}|{re.escape(UNK)}|{self.word_pattern}", text)
+        return _word_ids(words, index)
 
 
 def _char_dataset(name: str, train: str, valid: str, test: str) -> TextDataset:
@@ -66,18 +96,82 @@ def _char_dataset(name: str, train: str, valid: str, test: str) -> TextDataset:
     return TextDataset(name, "char", vocab, ids(train), ids(valid), ids(test))
 
 
+def frequency_vocab(tokens: Iterable[str], max_size: int | None = None) -> tuple[str, ...]:
+    """Frequency-ordered vocabulary of a training token stream.
+
+    ``<eos>`` is id 0; then every type by descending count in ``tokens``, ties broken by
+    first appearance. With ``max_size`` (``<eos>`` and ``<unk>`` included) only the
+    ``max_size - 2`` most frequent types are kept and the others count as ``<unk>``.
+    ``<unk>`` (which may also occur in ``tokens`` itself, as in WikiText) is placed by
+    its count after that mapping (its first appearance: that of its first member); it is
+    last, with count 0, if nothing maps to it. So the training counts of ids 1, 2, ...
+    never increase.
+    """
+    if max_size is not None and max_size < 2:
+        raise ValueError(f"a vocabulary needs room for {EOS} and {UNK}: max_size must be >= 2, got {max_size}")
+    counts = collections.Counter(tokens)  # keys in order of first appearance
+    counts.pop(EOS, None)
+    first = {w: i for i, w in enumerate(counts)}
+    words = sorted((w for w in counts if w != UNK), key=lambda w: (-counts[w], first[w]))
+    cut = len(words) if max_size is None else max_size - 2
+    unk_members = words[cut:] + ([UNK] if UNK in counts else [])
+    key = {w: (-counts[w], first[w]) for w in words[:cut]}
+    key[UNK] = (-sum(counts[w] for w in unk_members), min((first[w] for w in unk_members), default=len(first)))
+    return (EOS,) + tuple(sorted(key, key=key.__getitem__))
+
+
+def _word_ids(words: Iterable[str], index: dict[str, int]) -> np.ndarray:
+    """Words -> int32 ids; words outside ``index`` become ``<unk>``."""
+    unk = index[UNK]
+    return np.fromiter((index.get(w, unk) for w in words), np.int32)
+
+
+def word_tokens(text: str, pattern: str = WORD_PATTERN) -> Iterator[str]:
+    """The pydoc_words tokenization: for each line (``str.splitlines``), its matches of
+    ``pattern`` and then ``<eos>``; a blank line gives a lone ``<eos>``. Case is kept."""
+    compiled = re.compile(pattern)
+    for line in text.splitlines():
+        yield from compiled.findall(line)
+        yield EOS
+
+
+def _split_points(n: int) -> tuple[int, int]:
+    return int(n * PYDOC_FRACTIONS[0]), int(n * (PYDOC_FRACTIONS[0] + PYDOC_FRACTIONS[1]))
+
+
+def _pydoc_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
 def load_pydoc() -> TextDataset:
     """Character-level English text of ``pydoc_data.topics`` (ships with CPython, ~465k chars).
 
     Topics are joined in sorted order and split by position (90/5/5), so the split is
     the same everywhere for a given Python version.
     """
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[key] for key in sorted(topics))
-    n = len(text)
-    a, b = int(n * PYDOC_FRACTIONS[0]), int(n * (PYDOC_FRACTIONS[0] + PYDOC_FRACTIONS[1]))
+    text = _pydoc_text()
+    a, b = _split_points(len(text))
     return _char_dataset("pydoc", text[:a], text[a:b], text[b:])
+
+
+def load_pydoc_words(max_vocab: int = PYDOC_WORDS_VOCAB) -> TextDataset:
+    """Word-level ``pydoc_data.topics``: the text of :func:`load_pydoc`, as word tokens.
+
+    The whole text is tokenized by :func:`word_tokens` (words and single punctuation
+    marks, case kept, ``<eos>`` after every line, a blank line a lone ``<eos>``) and the
+    *token stream* is split by position, 90/5/5 (so the splits are disjoint and
+    contiguous; valid may begin mid-line). The vocabulary comes from the training split
+    only (:func:`frequency_vocab` with ``max_size=max_vocab``); other words are
+    ``<unk>`` in every split. About 126k tokens; 4071 types in train.
+    """
+    tokens = list(word_tokens(_pydoc_text()))
+    a, b = _split_points(len(tokens))
+    vocab = frequency_vocab(tokens[:a], max_vocab)
+    index = {w: i for i, w in enumerate(vocab)}
+    train, valid, test = (_word_ids(part, index) for part in (tokens[:a], tokens[a:b], tokens[b:]))
+    return TextDataset("pydoc_words", "word", vocab, train, valid, test, word_pattern=WORD_PATTERN)
 
 
 def load_tiny_shakespeare(data_dir: str | None = None) -> TextDataset:
@@ -104,9 +198,11 @@ def load_tiny_shakespeare(data_dir: str | None = None) -> TextDataset:
 def load_wikitext103(folder: str | os.PathLike) -> TextDataset:
     """Word-level WikiText-103 from ``wiki.{train,valid,test}.tokens`` in ``folder``.
 
-    The vocabulary is every word of the training file (it already maps rare words to
-    ``<unk>``), in order of first appearance after ``<eos>`` and ``<unk>``; each line
-    ends with ``<eos>``; words outside the vocabulary become ``<unk>``.
+    Each line ends with ``<eos>``. The vocabulary is every word of the training file (it
+    already maps rare words to ``<unk>``, an ordinary word of it) in frequency order, as
+    the official adaptive-softmax code has it: ``<eos>`` id 0, then the words by
+    descending training count, ties by first appearance (:func:`frequency_vocab`).
+    Words of valid/test outside the vocabulary become ``<unk>``.
     """
     folder = Path(folder).expanduser()
     paths = {split: folder / f"wiki.{split}.tokens" for split in SPLITS}
@@ -124,15 +220,20 @@ def load_wikitext103(folder: str | os.PathLike) -> TextDataset:
                 yield from line.split()
                 yield "<eos>"
 
-    vocab = {"<eos>": 0, "<unk>": 1}
-    for w in words(paths["train"]):
-        vocab.setdefault(w, len(vocab))
+    vocab = frequency_vocab(words(paths["train"]))
+    index = {w: i for i, w in enumerate(vocab)}
+    streams = {split: _word_ids(words(p), index) for split, p in paths.items()}
+    return TextDataset("wikitext103", "word", vocab, streams["train"], streams["valid"], streams["test"])
 
-    def ids(path):
-        return np.fromiter((vocab.get(w, 1) for w in words(path)), np.int32)
 
-    streams = {split: ids(p) for split, p in paths.items()}
-    return TextDataset("wikitext103", "word", tuple(vocab), streams["train"], streams["valid"], streams["test"])
+def stream_windows(tokens: np.ndarray, batch_size: int, seq_len: int) -> int:
+    """How many windows :func:`stream_batch` serves before it starts over (>= 1)."""
+    windows = ((len(tokens) - 1) // batch_size) // seq_len
+    if windows < 1:
+        raise ValueError(
+            f"{len(tokens)} tokens are too few for batch_size {batch_size} x seq_len {seq_len} (+1 for targets)"
+        )
+    return windows
 
 
 def stream_batch(tokens: np.ndarray, step: int, batch_size: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -143,12 +244,7 @@ def stream_batch(tokens: np.ndarray, step: int, batch_size: int, seq_len: int) -
     Windows cycle over the parts, so ``step`` may grow without bound.
     """
     per_stream = (len(tokens) - 1) // batch_size
-    windows = per_stream // seq_len
-    if windows < 1:
-        raise ValueError(
-            f"{len(tokens)} tokens are too few for batch_size {batch_size} x seq_len {seq_len} (+1 for targets)"
-        )
-    start = (step % windows) * seq_len
+    start = (step % stream_windows(tokens, batch_size, seq_len)) * seq_len
     rows = np.arange(batch_size)[:, None] * per_stream + start + np.arange(seq_len)[None, :]
     return tokens[rows], tokens[rows + 1]
 
@@ -186,10 +282,13 @@ def unigram_bits(dataset: TextDataset, split: str = "valid") -> float:
 
 
 def load_text(name: str, data_dir: str | None = None) -> TextDataset:
-    """Loads ``"pydoc"`` (embedded), ``"tiny_shakespeare"`` (TFDS, prepared in ``data_dir``)
-    or ``"wikitext103"`` (token files in the folder ``data_dir``)."""
+    """Loads ``"pydoc"`` (embedded, characters), ``"pydoc_words"`` (embedded, words),
+    ``"tiny_shakespeare"`` (TFDS, prepared in ``data_dir``) or ``"wikitext103"`` (token
+    files in the folder ``data_dir``)."""
     if name == "pydoc":
         return load_pydoc()
+    if name == "pydoc_words":
+        return load_pydoc_words()
     if name == "tiny_shakespeare":
         return load_tiny_shakespeare(data_dir)
     if name == "wikitext103":

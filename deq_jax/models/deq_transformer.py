@@ -31,7 +31,7 @@ but the adjoint solve did not (relative residual 3-5e-2) and the training loss r
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -57,39 +57,77 @@ class WNDense(nn.Module):
         return x @ w.astype(x.dtype) + b.astype(x.dtype)
 
 
-def rotary(x: Array) -> Array:
+def rotary(x: Array, positions: Array | None = None) -> Array:
     """Rotary position embedding of ``x`` ``[B, T, H, Dh]`` (Dh even): the pair
-    ``(x_i, x_{i + Dh/2})`` at position t is rotated by ``t * 10000^(-2i / Dh)``, so
-    ``q . k`` depends on positions only through their difference (relative, any length)."""
+    ``(x_i, x_{i + Dh/2})`` at position p is rotated by ``p * 10000^(-2i / Dh)``, so
+    ``q . k`` depends on positions only through their difference (relative, any length).
+    ``positions``: ``[T]`` (default ``0..T-1``)."""
     t, dh = x.shape[1], x.shape[-1]
     half = dh // 2
+    positions = jnp.arange(t) if positions is None else positions
     freq = 10000.0 ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle = jnp.arange(t, dtype=jnp.float32)[:, None] * freq[None, :]  # [T, Dh/2]
+    angle = positions.astype(jnp.float32)[:, None] * freq[None, :]  # [T, Dh/2]
     cos = jnp.cos(angle)[None, :, None, :].astype(x.dtype)
     sin = jnp.sin(angle)[None, :, None, :].astype(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
+class Memory(NamedTuple):
+    """The block inputs ``z* + injection`` of the last ``M`` positions of the stream before
+    the current segment (constants: stop-gradient), attended to as extra keys and values.
+
+    Attributes:
+      states: ``[B, M, D]``, oldest first; slot ``M - 1`` is the position just before the segment.
+      valid: ``[B, M]`` bool; false for slots not yet filled (the start of a stream).
+    """
+
+    states: Array
+    valid: Array
+
+
+def empty_memory(batch: int, mem_len: int, d_model: int, dtype=jnp.float32) -> Memory:
+    """A memory with no valid slot (the start of every stream)."""
+    return Memory(jnp.zeros((batch, mem_len, d_model), dtype), jnp.zeros((batch, mem_len), bool))
+
+
+def update_memory(memory: Memory, states: Array) -> Memory:
+    """The memory after a segment whose block inputs are ``states`` ``[B, T, D]``: the last
+    ``M`` positions of ``memory`` followed by the segment (gradients stopped)."""
+    m = memory.states.shape[1]
+    states = jax.lax.stop_gradient(states).astype(memory.states.dtype)
+    joined = jnp.concatenate([memory.states, states], axis=1)[:, -m:]
+    valid = jnp.concatenate([memory.valid, jnp.ones(states.shape[:2], bool)], axis=1)[:, -m:]
+    return Memory(joined, valid)
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention where position t attends to positions <= t, with rotary
-    (relative) position information on queries and keys."""
+    """Multi-head self-attention where position t attends to positions <= t (and to every
+    valid memory slot), with rotary (relative) position information on queries and keys:
+    memory slot j sits at position j, segment position t at ``M + t``, so distances across
+    the boundary are the distances in the stream."""
 
     num_heads: int
 
     @nn.compact
-    def __call__(self, h: Array) -> Array:
+    def __call__(self, h: Array, memory: Memory | None = None) -> Array:
         b, t, d = h.shape
         if d % self.num_heads or (d // self.num_heads) % 2:
             raise ValueError(
                 f"d_model={d} must be divisible by num_heads={self.num_heads} into an even head width (rotary)"
             )
         head = d // self.num_heads
-        qkv = WNDense(3 * d)(h).reshape(b, t, 3, self.num_heads, head)
-        q, k, v = rotary(qkv[:, :, 0]), rotary(qkv[:, :, 1]), qkv[:, :, 2]
+        m = 0 if memory is None else memory.states.shape[1]
+        keys_in = h if memory is None else jnp.concatenate([memory.states.astype(h.dtype), h], axis=1)
+        qkv = WNDense(3 * d)(keys_in).reshape(b, m + t, 3, self.num_heads, head)
+        positions = jnp.arange(m + t)
+        q = rotary(qkv[:, m:, 0], positions[m:])
+        k, v = rotary(qkv[:, :, 1], positions), qkv[:, :, 2]
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head).astype(h.dtype)
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+        allowed = jnp.tril(jnp.ones((t, m + t), bool), k=m)[None]  # query t sees keys <= M + t
+        if memory is not None:
+            allowed = allowed & jnp.concatenate([memory.valid, jnp.ones((b, t), bool)], axis=1)[:, None, :]
+        scores = jnp.where(allowed[:, None], scores, jnp.finfo(scores.dtype).min)
         weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(h.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
         return WNDense(d)(out)
@@ -97,7 +135,8 @@ class CausalSelfAttention(nn.Module):
 
 class DEQTransformerCell(nn.Module):
     """One weight-tied causal Transformer block on ``z + injection``: ``[B, T, D] -> [B, T, D]``
-    (``x = {"injection": [B, T, D], "masks": [B, 1, d_ff]}``; see the module doc for pre-LN)."""
+    (``x = {"injection": [B, T, D], "masks": [B, 1, d_ff]}``, plus ``"memory"``, a
+    :class:`Memory`, when the model has one; see the module doc for pre-LN)."""
 
     d_model: int
     num_heads: int
@@ -115,12 +154,17 @@ class DEQTransformerCell(nn.Module):
 
     def __call__(self, x: dict[str, Any], z: Array) -> Array:
         h = z + x["injection"]
+        memory = x.get("memory")
         if self.pre_ln:
-            h = h + self.attention(self.norms[0](h))
+            h = h + self.attention(self.norms[0](h), self._normed(memory, self.norms[0]))
             h = h + self._feed_forward(self.norms[1](h), x["masks"])
             return self.norms[2](h)
-        h = self.norms[0](h + self.attention(h))
+        h = self.norms[0](h + self.attention(h, memory))
         return self.norms[1](h + self._feed_forward(h, x["masks"]))
+
+    @staticmethod
+    def _normed(memory: Memory | None, norm) -> Memory | None:
+        return None if memory is None else Memory(norm(memory.states), memory.valid)
 
 
 class DEQTransformer(nn.Module):
@@ -135,6 +179,9 @@ class DEQTransformer(nn.Module):
         post-LayerNorm otherwise.
       tie_embeddings: output projection is the embedding matrix transposed.
       dropout: variational dropout rate on the feed-forward hidden layer.
+      mem_len: segment memory: the block inputs of the last ``mem_len`` positions before
+        the segment are attended to (0: none). Only the segment is solved for; the memory
+        is a constant input of the cell (see :class:`Memory`).
     """
 
     vocab_size: int
@@ -144,6 +191,7 @@ class DEQTransformer(nn.Module):
     pre_ln: bool = True
     tie_embeddings: bool = True
     dropout: float = 0.0
+    mem_len: int = 0
 
     def setup(self):
         self.embed = nn.Embed(self.vocab_size, self.d_model)
@@ -153,8 +201,9 @@ class DEQTransformer(nn.Module):
         if not self.tie_embeddings:
             self.output = nn.Dense(self.vocab_size)
 
-    def inject(self, tokens: Array, dropout_keys: Array | None = None) -> dict[str, Any]:
-        """Tokens ``[B, T]`` -> ``{"injection": [B, T, d_model], "masks": [B, 1, d_ff]}``.
+    def inject(self, tokens: Array, dropout_keys: Array | None = None, memory: Memory | None = None) -> dict[str, Any]:
+        """Tokens ``[B, T]`` -> ``{"injection": [B, T, d_model], "masks": [B, 1, d_ff]}``, plus
+        ``"memory"`` (``memory``, or an empty one) when ``mem_len > 0``.
 
         ``injection = Dense(sqrt(d_model) * embed(tokens))`` (unit scale, see module doc)."""
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -166,7 +215,19 @@ class DEQTransformer(nn.Module):
             masks = keep.astype(injection.dtype) / (1.0 - self.dropout)
         else:
             masks = jnp.ones((tokens.shape[0],) + shape, injection.dtype)
-        return {"injection": injection, "masks": masks}
+        x = {"injection": injection, "masks": masks}
+        if self.mem_len:
+            if memory is None:
+                memory = empty_memory(tokens.shape[0], self.mem_len, self.d_model, injection.dtype)
+            if memory.states.shape != (tokens.shape[0], self.mem_len, self.d_model):
+                raise ValueError(
+                    f"memory states must be [B, mem_len, d_model] = {[tokens.shape[0], self.mem_len, self.d_model]}, "
+                    f"got {list(memory.states.shape)}"
+                )
+            x["memory"] = memory
+        elif memory is not None:
+            raise ValueError("this DEQTransformer has mem_len 0: it takes no memory")
+        return x
 
     def initial_state(self, x: dict[str, Any]) -> Array:
         return jnp.zeros_like(x["injection"])
@@ -182,9 +243,14 @@ class DEQTransformer(nn.Module):
             return self.embed.attend(h)
         return self.output(h)
 
-    def __call__(self, tokens: Array, dropout_keys: Array | None = None, **layer_args) -> ModelOutput:
+    def __call__(
+        self, tokens: Array, dropout_keys: Array | None = None, memory: Memory | None = None, **layer_args
+    ) -> ModelOutput:
         """Tokens ``[B, T]`` -> logits ``[B, T, vocab]`` through the equilibrium (or ``unroll``
-        cells); the arguments as in :meth:`deq_jax.models.MDEQ.__call__`."""
-        x = self.inject(tokens, dropout_keys)
+        cells); the arguments as in :meth:`deq_jax.models.MDEQ.__call__`, plus ``memory``
+        (``mem_len > 0``: the previous segment's; None at the start of a stream). The
+        output's ``memory`` is the one for the next segment."""
+        x = self.inject(tokens, dropout_keys, memory)
         z, stats = self.deq(x, self.initial_state(x), **layer_args)
-        return ModelOutput(self.head(z), z, x, stats)
+        new_memory = update_memory(x["memory"], z + x["injection"]) if self.mem_len else None
+        return ModelOutput(self.head(z), z, x, stats, new_memory)

@@ -18,9 +18,11 @@ class ModelOutput(NamedTuple):
       x: the cell's input (injection and dropout masks), for other quantities of the same
         map (e.g. its spectral radius).
       stats: the DEQ layer's :class:`deq_jax.DEQStats` (forward solver result, JR term).
+      memory: the segment memory for the next segment (models with one), else None.
     """
 
     logits: jax.Array
     z: Any
     x: Any
     stats: DEQStats
+    memory: Any = None

@@ -43,6 +43,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.d_ff = 512  # DEQ-Transformer: feed-forward hidden width
     c.model.pre_ln = False  # DEQ-Transformer: pre-LN block (post-LN: unique fixed point at init)
     c.model.tie_embeddings = True  # DEQ-Transformer: output projection = embedding transpose
+    c.model.mem_len = 0  # DEQ-Transformer: segment memory (positions of the stream before the segment)
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 32  # global batch, split over all devices
@@ -174,6 +175,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
     if c.data.name in TEXT_DATA:
         _require(min(m.d_model, m.num_heads, m.d_ff) >= 1, "model.d_model, num_heads and d_ff must be >= 1")
+        _require(m.mem_len >= 0, f"model.mem_len must be >= 0, got {m.mem_len}")
         _require(
             m.d_model % m.num_heads == 0 and (m.d_model // m.num_heads) % 2 == 0,
             f"model.d_model ({m.d_model}) must split into num_heads ({m.num_heads}) heads of even width (rotary)",

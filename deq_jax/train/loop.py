@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deq_jax.train import checkpoint, plots, step as step_lib
+from deq_jax.train import checkpoint, objective, plots, step as step_lib
 from deq_jax.train.config import budgets, resolve
 from deq_jax.train.metrics import MetricsWriter, read
 from deq_jax.train.optim import make_optimizer
@@ -34,6 +34,11 @@ SHORT = {"accuracy": "acc", "perplexity": "ppl", "bpc": "bpc"}  # progress-bar n
 def _global_array(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A global array from the (identical) host copy on every process, each sending its shards."""
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def _global_tree(tree, sharding: NamedSharding):
+    """Every leaf of ``tree`` (host arrays, or None) as a global array with ``sharding``."""
+    return jax.tree.map(lambda leaf: _global_array(np.asarray(leaf), sharding), tree)
 
 
 def _config_json(c) -> dict:
@@ -74,10 +79,16 @@ def evaluate_split(eval_fn, params, task: Task, mesh, limit: int, split: str) ->
     batch, and the Jacobian norm / spectral radius if ``eval_fn`` measures them."""
     data_sharding = NamedSharding(mesh, P(step_lib.DATA))
     # Batches are made again for every pass (none is kept: ImageNet's would not fit).
+    # A model with segment memory carries it from batch to batch: each row of the eval
+    # batches is one contiguous stream, so every token is scored with up to mem_len
+    # tokens of context from the batches before.
     totals, first, batches = {}, 0, 0
+    memory = None
     for batch in task.eval_sets[split]():
         inputs, targets, weights = (_global_array(a, data_sharding) for a in batch)
-        sums = eval_fn(params, np.int32(limit), inputs, targets, weights, np.int32(first))
+        if memory is None:
+            memory = _global_tree(objective.initial_memory(task.model, inputs.shape[0]), data_sharding)
+        sums, memory = eval_fn(params, np.int32(limit), inputs, targets, weights, np.int32(first), memory)
         first, batches = first + len(inputs), batches + 1
         for k, v in jax.device_get(sums).items():
             totals[k] = totals.get(k, 0.0) + float(v)
@@ -258,6 +269,9 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
     streak = (0, 0)  # consecutive skipped steps, and the first of them
     for s in range(start, c.train.num_steps):
         inputs, targets = task.train_batch(s)
+        if state.memory is not None and task.stream_start(s):  # the windows start over: no context
+            state = state.replace(memory=_global_tree(objective.initial_memory(model, c.train.batch_size),
+                                                      data_sharding))
         mode = "unrolled" if s < c.train.pretrain_steps else "deq"
         inputs, targets = _global_array(inputs, data_sharding), _global_array(targets, data_sharding)
         if mode not in compiled:  # compiled ahead of time, so that training time excludes it

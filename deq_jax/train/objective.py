@@ -17,6 +17,7 @@ import optax
 
 from deq_jax import deq, layer
 from deq_jax.data.text import TEXT_DATA
+from deq_jax.models.deq_transformer import empty_memory
 from deq_jax.solvers import base
 
 Array = jax.Array
@@ -63,6 +64,13 @@ class Forward(NamedTuple):
     x: Any
     result: base.SolverResult | None  # None when unrolled
     jr: Array | None  # [B] JR term when jr_keys were given
+    memory: Any = None  # the next segment's memory (models with one)
+
+
+def initial_memory(model: nn.Module, batch: int):
+    """The empty segment memory of ``batch`` streams for a model with ``mem_len > 0``, else None."""
+    mem_len = getattr(model, "mem_len", 0)
+    return empty_memory(batch, mem_len, model.d_model) if mem_len else None
 
 
 def forward(
@@ -80,16 +88,19 @@ def forward(
     jr_keys: Array | None = None,
     jr_if: Array | bool | None = None,
     jr_probes: int = 1,
+    memory: Any = None,
 ) -> Forward:
     """Inputs -> logits through the equilibrium (``mode="deq"``) or k unrolled cells
     (``"unrolled"``), with the ``[B]`` JR term when ``jr_keys`` are given (see
-    :func:`deq_jax.equilibrium`)."""
+    :func:`deq_jax.equilibrium`); ``memory``: the segment memory of a model with one."""
     if mode not in ("deq", "unrolled"):
         raise ValueError(f"mode must be 'deq' or 'unrolled', got {mode!r}")
+    memory_arg = {} if memory is None else {"memory": memory}
     out = model.apply(
         {"params": params},
         inputs,
         dropout_keys,
+        **memory_arg,
         unroll=num_layers if mode == "unrolled" else None,
         forward=config,
         backward=backward,
@@ -99,7 +110,7 @@ def forward(
         jr_if=jr_if,
         jr_probes=jr_probes,
     )
-    return Forward(out.logits, out.z, out.x, out.stats.result, out.stats.jr)
+    return Forward(out.logits, out.z, out.x, out.stats.result, out.stats.jr, out.memory)
 
 
 def jacobian_penalty(model, params, x, z, keys: Array, num_probes: int) -> Array:

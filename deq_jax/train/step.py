@@ -33,10 +33,21 @@ DATA = "data"
 
 @flax.struct.dataclass
 class TrainState:
+    """What a train step changes. ``memory``: the segment memory of a model with one
+    (``[B, ...]`` leaves, sharded along ``data`` like the batch), else None."""
+
     step: Array
     params: Any
     opt_state: Any
     gamma: schedules.GammaState
+    memory: Any = None
+
+
+def state_sharding(mesh: Mesh, state: TrainState) -> TrainState:
+    """Shardings of a train state: everything replicated but the memory (per example)."""
+    replicated = NamedSharding(mesh, P())
+    memory = None if state.memory is None else NamedSharding(mesh, P(DATA))
+    return TrainState(replicated, replicated, replicated, replicated, memory)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -126,7 +137,7 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
     gamma_enabled = jr_weight_enabled(c, mode)
     nan = jnp.float32(jnp.nan)
 
-    def local(params, gamma, apply_jr, step_limit, inputs, targets, keys):
+    def local(params, gamma, apply_jr, step_limit, inputs, targets, keys, memory):
         batch = inputs.shape[0]
         probe = deq.BackwardStats.zeros(batch) if (mode == "deq" and implicit) else None
 
@@ -146,6 +157,7 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
                 jr_keys=jr_keys,
                 jr_if=apply_jr,
                 jr_probes=c.jr.num_probes,
+                memory=memory,
             )
             task = jnp.mean(objective.cross_entropy(out.logits, targets))
             jr = jnp.mean(out.jr) if gamma_enabled else jnp.float32(0.0)
@@ -188,13 +200,13 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
             metrics |= {"bwd_steps": steps, "bwd_residual": nan, "bwd_nfe": steps, "bwd_nonfinite": jnp.float32(0.0)}
         else:
             metrics |= {"bwd_steps": nan, "bwd_residual": nan, "bwd_nfe": nan, "bwd_nonfinite": jnp.float32(0.0)}
-        return grads, metrics
+        return grads, metrics, out.memory
 
     sharded_local = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(P(), P(), P(), P(), P(DATA), P(DATA), P(DATA)),
-        out_specs=(P(), P()),
+        in_specs=(P(), P(), P(), P(), P(DATA), P(DATA), P(DATA), P(DATA)),
+        out_specs=(P(), P(), P(DATA)),
         check_vma=False,
     )
 
@@ -205,7 +217,9 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
             gamma = jnp.float32(c.jr.pretrain_gamma)
         else:
             gamma = state.gamma.gamma
-        grads, metrics = sharded_local(state.params, gamma, apply_jr, step_limit, inputs, targets, keys)
+        grads, metrics, memory = sharded_local(
+            state.params, gamma, apply_jr, step_limit, inputs, targets, keys, state.memory
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_gamma = schedule.update(
@@ -225,6 +239,8 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
         )
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         params, opt_state, new_gamma = keep((params, opt_state, new_gamma), (state.params, state.opt_state, state.gamma))
+        if memory is not None:  # a skipped step's segment is not context for the next one
+            memory = memory._replace(valid=memory.valid & finite)
         metrics |= {
             "skipped": 1.0 - finite.astype(jnp.float32),
             "gamma": gamma,
@@ -233,20 +249,23 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
             "step_limit": step_limit.astype(jnp.float32),
             "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
         }
-        return TrainState(state.step + 1, params, opt_state, new_gamma), metrics
+        return TrainState(state.step + 1, params, opt_state, new_gamma, memory), metrics
 
     replicated = NamedSharding(mesh, P())
     data = NamedSharding(mesh, P(DATA))
+    memory = objective.initial_memory(model, c.train.batch_size)
+    states = state_sharding(mesh, TrainState(None, None, None, None, memory))
     return jax.jit(
         train_step,
-        in_shardings=(replicated, data, data),
-        out_shardings=(replicated, replicated),
+        in_shardings=(states, data, data),
+        out_shardings=(states, replicated),
         donate_argnums=0,
     )
 
 
 def make_eval_step(model: nn.Module, c, mesh: Mesh, with_jacobian: bool):
-    """Jitted ``eval_step(params, step_limit, inputs, targets, weights, first_index) -> sums``.
+    """Jitted ``eval_step(params, step_limit, inputs, targets, weights, first_index, memory)
+    -> (sums, memory)``.
 
     Runs the forward solve with ``eval.max_steps`` lowered to ``step_limit`` (traced:
     one compilation for every budget). ``weights`` has the targets' shape (``[B]`` for
@@ -259,12 +278,14 @@ def make_eval_step(model: nn.Module, c, mesh: Mesh, with_jacobian: bool):
     the power-method spectral radius of J_f(z*) with ``eval.spectral_iters`` VJPs, if
     not 0); and ``nfe``, the f evaluations of the solver loop (the most over devices).
     Probes and power-method starts come from each example's index in the evaluation set,
-    so the numbers do not depend on the number of devices.
+    so the numbers do not depend on the number of devices. ``memory``: the segment memory
+    of a model with one (the previous batch's, :func:`objective.initial_memory` at the
+    start of the set; the returned one is for the next batch), else None.
     """
     setup = objective.solvers_from_config(c)
     f = objective.cell_fn(model)
 
-    def local(params, step_limit, inputs, targets, weights, first_index):
+    def local(params, step_limit, inputs, targets, weights, first_index, memory):
         keys = None
         if with_jacobian:
             batch = inputs.shape[0]
@@ -272,7 +293,7 @@ def make_eval_step(model: nn.Module, c, mesh: Mesh, with_jacobian: bool):
             keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(c.seed + 1), i))(index)
         out = objective.forward(
             model, params, inputs, mode="deq", config=setup.eval_forward, step_limit=step_limit,
-            jr_keys=keys, jr_probes=c.eval.jac_probes,
+            jr_keys=keys, jr_probes=c.eval.jac_probes, memory=memory,
         )
         r = out.result
         example = (weights.reshape(weights.shape[0], -1).max(axis=1) > 0).astype(jnp.float32)
@@ -294,19 +315,21 @@ def make_eval_step(model: nn.Module, c, mesh: Mesh, with_jacobian: bool):
                 radius = jacobian.spectral_radius(lambda zz: f(params, out.x, zz), z, power_keys, c.eval.spectral_iters)
                 sums["spectral"] = radius * example
         totals = {k: jax.lax.psum(_sum_per_example(v), DATA) for k, v in sums.items()}
-        return totals | {"nfe": jax.lax.pmax(r.f_evals.astype(jnp.float32), DATA)}
+        return totals | {"nfe": jax.lax.pmax(r.f_evals.astype(jnp.float32), DATA)}, out.memory
 
     sharded = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(P(), P(), P(DATA), P(DATA), P(DATA), P()),
-        out_specs=P(),
+        in_specs=(P(), P(), P(DATA), P(DATA), P(DATA), P(), P(DATA)),
+        out_specs=(P(), P(DATA)),
         check_vma=False,
     )
     replicated = NamedSharding(mesh, P())
     data = NamedSharding(mesh, P(DATA))
     return jax.jit(
-        sharded, in_shardings=(replicated, replicated, data, data, data, replicated), out_shardings=replicated
+        sharded,
+        in_shardings=(replicated, replicated, data, data, data, replicated, data),
+        out_shardings=(replicated, data),
     )
 
 
@@ -324,9 +347,11 @@ def init_state(model: nn.Module, c, tx: optax.GradientTransformation, sample_inp
     """
     schedule = schedules.from_config(c)
 
-    @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
+    memory = objective.initial_memory(model, c.train.batch_size)
+
+    @functools.partial(jax.jit, out_shardings=state_sharding(mesh, TrainState(None, None, None, None, memory)))
     def init():
         params = model.init(jax.random.key(c.seed), jnp.zeros(sample_input.shape, sample_input.dtype), unroll=1)["params"]
-        return TrainState(jnp.int32(0), params, tx.init(params), schedule.init())
+        return TrainState(jnp.int32(0), params, tx.init(params), schedule.init(), memory)
 
     return init()

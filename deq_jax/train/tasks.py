@@ -46,6 +46,8 @@ class Task:
       language: report perplexity ``exp(loss)``.
       char_level: also report bits per character ``loss / ln 2``.
       baselines: reference numbers for the summary (e.g. ``unigram_bpc``).
+      stream_start: ``step -> bool``, true where the training windows start over from the
+        beginning of their streams (a model's segment memory is then emptied).
     """
 
     name: str
@@ -57,6 +59,7 @@ class Task:
     language: bool = False
     char_level: bool = False
     baselines: dict[str, float] = dataclasses.field(default_factory=dict)
+    stream_start: Callable[[int], bool] = lambda step: False
 
     @property
     def eval_split(self) -> str:
@@ -100,7 +103,7 @@ def make_task(c) -> Task:
         )
     ds = text.load_text(name, data_dir)
     m, seq_len = c.model, c.train.seq_len
-    text.stream_batch(ds.train, 0, c.train.batch_size, seq_len)  # fails early if the corpus is too short
+    windows = text.stream_windows(ds.train, c.train.batch_size, seq_len)  # fails early if the corpus is too short
     model = DEQTransformer(
         ds.vocab_size,
         d_model=m.d_model,
@@ -109,6 +112,7 @@ def make_task(c) -> Task:
         pre_ln=m.pre_ln,
         tie_embeddings=m.tie_embeddings,
         dropout=m.dropout,
+        mem_len=m.mem_len,
     )
     char = ds.level == "char"
     unigram = text.unigram_bits(ds, "valid")
@@ -125,4 +129,5 @@ def make_task(c) -> Task:
         language=True,
         char_level=char,
         baselines={"unigram_bpc" if char else "unigram_perplexity": unigram if char else 2.0**unigram},
+        stream_start=lambda step: step % windows == 0,
     )
