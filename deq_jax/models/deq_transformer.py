@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from deq_jax.linen import DEQ
+from deq_jax.models.adaptive import AdaptiveSoftmax
 from deq_jax.models.output import ModelOutput
 
 Array = jax.Array
@@ -182,6 +183,10 @@ class DEQTransformer(nn.Module):
       mem_len: segment memory: the block inputs of the last ``mem_len`` positions before
         the segment are attended to (0: none). Only the segment is solved for; the memory
         is a constant input of the cell (see :class:`Memory`).
+      cutoffs, div_val: adaptive input embeddings and softmax over a frequency-sorted
+        vocabulary (:class:`~deq_jax.models.adaptive.AdaptiveSoftmax`: tables tied,
+        tail projections tied) when ``cutoffs`` is not empty or ``div_val > 1``;
+        otherwise one embedding table and a full softmax.
     """
 
     vocab_size: int
@@ -192,9 +197,20 @@ class DEQTransformer(nn.Module):
     tie_embeddings: bool = True
     dropout: float = 0.0
     mem_len: int = 0
+    cutoffs: tuple[int, ...] = ()
+    div_val: int = 1
+
+    @property
+    def adaptive(self) -> bool:
+        return bool(self.cutoffs) or self.div_val > 1
 
     def setup(self):
-        self.embed = nn.Embed(self.vocab_size, self.d_model)
+        if self.adaptive:
+            if not self.tie_embeddings:
+                raise ValueError("adaptive embeddings/softmax (cutoffs, div_val) are always tied: set tie_embeddings")
+            self.softmax = AdaptiveSoftmax(self.vocab_size, self.d_model, tuple(self.cutoffs), self.div_val)
+        else:
+            self.embed = nn.Embed(self.vocab_size, self.d_model)
         self.inject_proj = nn.Dense(self.d_model)
         self.deq = DEQ(DEQTransformerCell(self.d_model, self.num_heads, self.d_ff, self.pre_ln))
         self.final_norm = nn.LayerNorm()
@@ -208,7 +224,11 @@ class DEQTransformer(nn.Module):
         ``injection = Dense(sqrt(d_model) * embed(tokens))`` (unit scale, see module doc)."""
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"DEQTransformer expects integer tokens [B, T], got {tokens.dtype} {tokens.shape}")
-        injection = self.inject_proj(self.embed(tokens) * jnp.sqrt(jnp.float32(self.d_model)))
+        if self.adaptive:
+            embedded = self.softmax.embed(tokens)  # scaled by sqrt(d_model) inside
+        else:
+            embedded = self.embed(tokens) * jnp.sqrt(jnp.float32(self.d_model))
+        injection = self.inject_proj(embedded)
         shape = (1, self.d_ff)
         if dropout_keys is not None and self.dropout > 0:
             keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - self.dropout, shape))(dropout_keys)
@@ -237,20 +257,38 @@ class DEQTransformer(nn.Module):
         return self.deq.cell(x, z)
 
     def head(self, z: Array) -> Array:
-        """Equilibrium state ``[B, T, D]`` -> logits ``[B, T, vocab_size]``."""
+        """Equilibrium state ``[B, T, D]`` -> logits ``[B, T, vocab_size]`` (with adaptive
+        softmax: the log-probabilities, every token's)."""
         h = self.final_norm(z)
+        if self.adaptive:
+            return self.softmax.log_probs(h)
         if self.tie_embeddings:
             return self.embed.attend(h)
         return self.output(h)
 
     def __call__(
-        self, tokens: Array, dropout_keys: Array | None = None, memory: Memory | None = None, **layer_args
+        self,
+        tokens: Array,
+        dropout_keys: Array | None = None,
+        memory: Memory | None = None,
+        targets: Array | None = None,
+        **layer_args,
     ) -> ModelOutput:
         """Tokens ``[B, T]`` -> logits ``[B, T, vocab]`` through the equilibrium (or ``unroll``
         cells); the arguments as in :meth:`deq_jax.models.MDEQ.__call__`, plus ``memory``
-        (``mem_len > 0``: the previous segment's; None at the start of a stream). The
+        (``mem_len > 0``: the previous segment's; None at the start of a stream) and
+        ``targets`` ``[B, T]``: the output's ``target_log_prob`` is then ``log p(target)``,
+        and with adaptive softmax no full distribution is formed (``logits`` is None). The
         output's ``memory`` is the one for the next segment."""
         x = self.inject(tokens, dropout_keys, memory)
         z, stats = self.deq(x, self.initial_state(x), **layer_args)
         new_memory = update_memory(x["memory"], z + x["injection"]) if self.mem_len else None
-        return ModelOutput(self.head(z), z, x, stats, new_memory)
+        if targets is None:
+            return ModelOutput(self.head(z), z, x, stats, new_memory)
+        if self.adaptive:
+            logits, target_log_prob = None, self.softmax.log_prob(self.final_norm(z), targets)
+        else:
+            logits = self.head(z)
+            log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+            target_log_prob = jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
+        return ModelOutput(logits, z, x, stats, new_memory, target_log_prob)

@@ -19,6 +19,8 @@ class ModelOutput(NamedTuple):
         map (e.g. its spectral radius).
       stats: the DEQ layer's :class:`deq_jax.DEQStats` (forward solver result, JR term).
       memory: the segment memory for the next segment (models with one), else None.
+      target_log_prob: ``log p(target)`` per target when the call was given targets
+        (language models), else None.
     """
 
     logits: jax.Array
@@ -26,3 +28,4 @@ class ModelOutput(NamedTuple):
     x: Any
     stats: DEQStats
     memory: Any = None
+    target_log_prob: Any = None

@@ -44,6 +44,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.pre_ln = False  # DEQ-Transformer: pre-LN block (post-LN: unique fixed point at init)
     c.model.tie_embeddings = True  # DEQ-Transformer: output projection = embedding transpose
     c.model.mem_len = 0  # DEQ-Transformer: segment memory (positions of the stream before the segment)
+    c.model.cutoffs = ""  # DEQ-Transformer: adaptive embeddings/softmax cluster starts, e.g. "20000,40000,200000"
+    c.model.div_val = 1  # DEQ-Transformer: adaptive cluster i has width d_model // div_val**i
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 32  # global batch, split over all devices
@@ -176,6 +178,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.data.name in TEXT_DATA:
         _require(min(m.d_model, m.num_heads, m.d_ff) >= 1, "model.d_model, num_heads and d_ff must be >= 1")
         _require(m.mem_len >= 0, f"model.mem_len must be >= 0, got {m.mem_len}")
+        _require(m.div_val >= 1, f"model.div_val must be >= 1, got {m.div_val}")
+        cutoffs(c)
         _require(
             m.d_model % m.num_heads == 0 and (m.d_model // m.num_heads) % 2 == 0,
             f"model.d_model ({m.d_model}) must split into num_heads ({m.num_heads}) heads of even width (rotary)",
@@ -245,4 +249,18 @@ def budgets(c: ml_collections.ConfigDict) -> list[int]:
     except ValueError:
         raise ValueError(f"eval.budgets must be 'all' or comma-separated ints, got {c.eval.budgets!r}") from None
     _require(all(1 <= b <= c.eval.max_steps for b in values), f"eval.budgets must lie in [1, {c.eval.max_steps}]")
+    return values
+
+
+def cutoffs(c: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The adaptive softmax's cluster starts (``model.cutoffs``; empty: no clusters)."""
+    text = str(c.model.cutoffs).strip()
+    if not text:
+        return ()
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"model.cutoffs must be comma-separated ints or '', got {c.model.cutoffs!r}") from None
+    _require(all(a < b for a, b in zip(values, values[1:])) and values[0] > 0,
+             f"model.cutoffs must be positive and increasing, got {c.model.cutoffs!r}")
     return values

@@ -65,6 +65,7 @@ class Forward(NamedTuple):
     result: base.SolverResult | None  # None when unrolled
     jr: Array | None  # [B] JR term when jr_keys were given
     memory: Any = None  # the next segment's memory (models with one)
+    nll: Array | None = None  # -log p(target), shaped like the targets, when targets were given
 
 
 def initial_memory(model: nn.Module, batch: int):
@@ -89,18 +90,23 @@ def forward(
     jr_if: Array | bool | None = None,
     jr_probes: int = 1,
     memory: Any = None,
+    targets: Array | None = None,
 ) -> Forward:
     """Inputs -> logits through the equilibrium (``mode="deq"``) or k unrolled cells
     (``"unrolled"``), with the ``[B]`` JR term when ``jr_keys`` are given (see
-    :func:`deq_jax.equilibrium`); ``memory``: the segment memory of a model with one."""
+    :func:`deq_jax.equilibrium`); ``memory``: the segment memory of a model with one;
+    ``targets``: also return each target's negative log-likelihood (``nll``; a model with
+    adaptive softmax then forms no full distribution and ``logits`` is None)."""
     if mode not in ("deq", "unrolled"):
         raise ValueError(f"mode must be 'deq' or 'unrolled', got {mode!r}")
-    memory_arg = {} if memory is None else {"memory": memory}
+    extra = {} if memory is None else {"memory": memory}
+    if targets is not None and getattr(model, "adaptive", False):
+        extra["targets"] = targets
     out = model.apply(
         {"params": params},
         inputs,
         dropout_keys,
-        **memory_arg,
+        **extra,
         unroll=num_layers if mode == "unrolled" else None,
         forward=config,
         backward=backward,
@@ -110,7 +116,10 @@ def forward(
         jr_if=jr_if,
         jr_probes=jr_probes,
     )
-    return Forward(out.logits, out.z, out.x, out.stats.result, out.stats.jr, out.memory)
+    nll = None
+    if targets is not None:
+        nll = -out.target_log_prob if out.target_log_prob is not None else cross_entropy(out.logits, targets)
+    return Forward(out.logits, out.z, out.x, out.stats.result, out.stats.jr, out.memory, nll)
 
 
 def jacobian_penalty(model, params, x, z, keys: Array, num_probes: int) -> Array:
@@ -122,6 +131,14 @@ def jacobian_penalty(model, params, x, z, keys: Array, num_probes: int) -> Array
 def cross_entropy(logits: Array, labels: Array) -> Array:
     """Softmax cross-entropy in float32, shaped like ``labels`` (``[B]`` or ``[B, T]``)."""
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def accuracy_hits(logits: Array | None, labels: Array, k: int = 1) -> Array:
+    """:func:`top_k_hits`, or NaN where there are no logits (adaptive softmax: accuracy is
+    not measured, the full distribution is never formed in training and evaluation)."""
+    if logits is None:
+        return jnp.full(labels.shape, jnp.nan, jnp.float32)
+    return top_k_hits(logits, labels, k)
 
 
 def top_k_hits(logits: Array, labels: Array, k: int) -> Array:

@@ -158,8 +158,9 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
                 jr_if=apply_jr,
                 jr_probes=c.jr.num_probes,
                 memory=memory,
+                targets=targets,
             )
-            task = jnp.mean(objective.cross_entropy(out.logits, targets))
+            task = jnp.mean(out.nll)
             jr = jnp.mean(out.jr) if gamma_enabled else jnp.float32(0.0)
             # The local mean: gradients are averaged over the mesh below (equal shards).
             return task + gamma * jr, (task, jr, out)
@@ -168,7 +169,7 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
             params, probe
         )
         grads = jax.lax.pmean(grads, DATA)
-        accuracy = jnp.mean((jnp.argmax(out.logits, -1) == targets).astype(jnp.float32))
+        accuracy = jnp.mean(objective.accuracy_hits(out.logits, targets))
         metrics = {
             "loss": _mean(task),
             "accuracy": _mean(accuracy),
@@ -293,15 +294,15 @@ def make_eval_step(model: nn.Module, c, mesh: Mesh, with_jacobian: bool):
             keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(c.seed + 1), i))(index)
         out = objective.forward(
             model, params, inputs, mode="deq", config=setup.eval_forward, step_limit=step_limit,
-            jr_keys=keys, jr_probes=c.eval.jac_probes, memory=memory,
+            jr_keys=keys, jr_probes=c.eval.jac_probes, memory=memory, targets=targets,
         )
         r = out.result
         example = (weights.reshape(weights.shape[0], -1).max(axis=1) > 0).astype(jnp.float32)
         sums = {
             "count": weights,
-            "correct": (jnp.argmax(out.logits, -1) == targets) * weights,
-            "correct5": objective.top_k_hits(out.logits, targets, 5) * weights,
-            "loss": objective.cross_entropy(out.logits, targets) * weights,
+            "correct": objective.accuracy_hits(out.logits, targets) * weights,
+            "correct5": objective.accuracy_hits(out.logits, targets, 5) * weights,
+            "loss": out.nll * weights,
             "examples": example,
             "steps": jnp.where(r.converged, r.n_steps, step_limit) * example,
             "converged": r.converged * example,

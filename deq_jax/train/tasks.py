@@ -24,6 +24,7 @@ import flax.linen as nn
 import numpy as np
 
 from deq_jax.data import pipeline, text
+from deq_jax.train import config as config_lib
 from deq_jax.models import MDEQ, DEQTransformer
 
 Batch = tuple[np.ndarray, np.ndarray]
@@ -113,7 +114,11 @@ def make_task(c) -> Task:
         tie_embeddings=m.tie_embeddings,
         dropout=m.dropout,
         mem_len=m.mem_len,
+        cutoffs=config_lib.cutoffs(c),
+        div_val=m.div_val,
     )
+    if model.cutoffs and model.cutoffs[-1] >= ds.vocab_size:
+        raise ValueError(f"model.cutoffs {model.cutoffs} must lie below the {name} vocabulary size {ds.vocab_size}")
     char = ds.level == "char"
     unigram = text.unigram_bits(ds, "valid")
     return Task(
