@@ -2,14 +2,24 @@
 ``DEQ-Sequence/wt103_deq_transformer_preln_reg.sh`` (needs GPUs).
 
 Point ``--config.data.data_dir`` at the folder holding ``wiki.{train,valid,test}.tokens``
-(unzipped ``wikitext-103-v1.zip``). The paper's row (Tables 1 and 5, DEQ-T (Pre-LN) + JR):
-24.5 perplexity with 14/14 NFEs.
+(unzipped ``wikitext-103-v1.zip``; README, "WikiText-103"). The paper's row (Tables 1 and
+5, DEQ-T (Pre-LN) + JR): 24.5 perplexity with 14/14 NFEs.
 
-**Not the official model**: deq_jax has no Transformer-XL memory (each 150-token window is
-scored on its own, the official model attends to 300 cached states), no adaptive
-embedding/softmax (one full tied softmax over the ~268k-word vocabulary), and rotary
-positions instead of Transformer-XL's relative encoding. Perplexities are therefore not
-comparable with the paper's; the solver and JR settings are.
+The official model's parts are here: adaptive input embeddings and adaptive softmax with
+the official cutoffs, ``div_val`` and ties, and a 300-position segment memory carried
+across training segments and across the whole evaluation stream. What differs is in the
+table: chiefly rotary positions instead of Transformer-XL's relative encoding (both are
+relative: a score depends on positions only through their distance, which is what lets
+the memory's positions continue across the segment boundary; rotary needs no extra
+parameters and no ``rel_shift``), the closing LayerNorm of our pre-LN block, the injection
+added to z rather than to q/k/v, and one dropout site. Parameters: the official model
+prints 97,851,488 (``train_transformer.py``, its storage-tied tail output projections
+counted twice; 97,691,888 counted once); this config has 96,226,088, counted from the
+shapes by ``tests/test_imagenet.py::test_wikitext103_config_parameter_count``: the same
+feed-forward layer (67,297,400) and adaptive embedding/softmax (26,466,788 counted once),
+981,400 fewer in the injection (a 700 -> 700 dense layer instead of a 700 -> 2100 conv),
+490,000 fewer in attention (no r_net and relative biases), 5,600 more in LayerNorm scales
+and biases (the official LayerNorms have none).
 
 Every hyperparameter: ours, the official script (HEAD 1fb7059, line numbers; "default" =
 argparse default in ``DEQ-Sequence/train_transformer.py``), and the paper's Table 4
@@ -19,10 +29,10 @@ argparse default in ``DEQ-Sequence/train_transformer.py``), and the paper's Tabl
 |---|---|---|---|---|
 | model | weight-tied pre-LN block, d_model 700, 10 heads of 70, d_ff 48000, weight norm | --d_model 700, --n_head 10, --d_head 70, --d_inner 48000, --pre_lnorm, --wnorm (l.13-17, 29-30) | 700, LayerNorm, weight norm | |
 | pre-LN block | LayerNorm before each sublayer and one closing the block | LayerNorm before attention (on [mems, z]) and feed-forward, none after (models/deq_transformer.py l.53-59, 120-121) | Pre- and Post-LN | ours without the closing norm made the adjoint solve fail (deq_transformer.py doc) |
-| input injection | embedding x sqrt(700) added to z in every cell call | 1x1 conv of the embedding added to the q/k/v projection (deq_transformer.py l.126, 233) | - | |
-| positions | rotary | Transformer-XL relative encoding (deq_transformer.py l.74-143) | - | not implemented |
-| memory | none | --mem_len 300 (l.27) | - | not implemented |
-| embedding / softmax | one tied full softmax | adaptive, --adaptive --div_val 4, cutoffs 20k/40k/200k, tied (l.9-10; train_transformer.py l.240-244) | 700 (embedding size) | not implemented |
+| input injection | adaptive embedding (x sqrt(700)) through a 700x700 dense layer, added to z in every cell call | 1x1 conv (700 -> 2100) of the embedding added to the q/k/v projection of [mems, z] (deq_transformer.py l.126, 233) | - | one design for all our text models; 0.98M fewer parameters |
+| positions | rotary on q and k; memory slot j at position j, segment position t at mem_len + t | Transformer-XL relative encoding: sinusoids of distance through r_net, r_w_bias, r_r_bias (deq_transformer.py l.74-143) | - | both relative; rotary adds no parameters (official r_net + biases: 0.49M) |
+| memory | --config.model.mem_len 300: the block inputs z* + injection of the last 300 positions, stop-gradient, attended as keys/values; carried across consecutive training windows (emptied when the windows start over) and across the whole valid/test stream | --mem_len 300 (l.27): z* and the injection u of the last 300 positions, detached (deq_transformer.py l.277-301, 326-338, 383) | - | |
+| embedding / softmax | adaptive, model.cutoffs "20000,40000,200000", model.div_val 4 (widths 700/175/43/10), tables tied to the output, tail projections tied (one array), head projection separate; vocabulary sorted by training frequency, `<eos>` first | --adaptive --div_val 4, cutoffs 20k/40k/200k (l.9-10; train_transformer.py l.240-244), tie_weights, tie_projs [False, True, True, True] (storage shared, two parameters) | 700 (embedding size) | a true tie (one gradient) |
 | dropout | 0.06 variational, on the feed-forward hidden layer | --dropout 0.06 (l.18): variational on the feed-forward hidden and output, attention output, embeddings and positional embeddings (deq_transformer.py l.31-33, 80, 221-223, 323, 336, 382); --dropatt 0.01 on attention weights (l.19) | 0.06 | ours has one dropout site and no attention dropout |
 | sequence length | 150 (train and eval windows) | --tgt_len 150, --eval_tgt_len 150 (l.26, 28) | 150 | |
 | batch | 56 | --batch_size 56 (l.40), 4 GPUs | 60 | the script |
@@ -41,7 +51,7 @@ argparse default in ``DEQ-Sequence/train_transformer.py``), and the paper's Tabl
 | learning rate | 2.5e-4, linear warm-up 16000 steps, then cosine to 0 at step 300000 | --lr 0.00025, --warmup_step 16000 (l.21-22); CosineAnnealingLR(max_step, eta_min 0) (train_transformer.py l.348, 496-497) | 0.00025, 1 epoch warm-up, cosine | the official cosine is measured from step 0 (at step 16000 it is already 0.7% below the peak); ours starts its cosine after the warm-up |
 | weight decay | 0 | default 0.0 | 0 | |
 | gradient clipping | global norm 0.25 | default --clip 0.25, every step (train_transformer.py l.489) | - | |
-| eval | valid windows, 16 streams, at limit 14, budgets 1..14, steps to tol (limit 30) | eval batch max(16, #GPUs) (train_transformer.py l.234), f_thres 14 (l.418) | - | our evaluation adds the solver statistics |
+| eval | valid stream in 16 contiguous streams, 150-token windows, memory carried across the stream, at limit 14, budgets 1..14, steps to tol (limit 30) | eval batch max(16, #GPUs) (train_transformer.py l.234), --eval_tgt_len 150, mem_len 300, f_thres 14 (l.418) | - | our evaluation adds the solver statistics |
 | eval/log/checkpoint | every 5000 / 200 / 5000 steps | --eval-interval 5000 (l.24), --log-interval 200 (default) | - | |
 | seed | 0 | --seed 1111 (default) | - | |
 """
@@ -59,6 +69,9 @@ def get_config():
     c.model.pre_ln = True
     c.model.tie_embeddings = True
     c.model.dropout = 0.06
+    c.model.mem_len = 300
+    c.model.cutoffs = "20000,40000,200000"
+    c.model.div_val = 4
     c.train.seq_len = 150
     c.train.batch_size = 56
     c.train.num_steps = 300_000
