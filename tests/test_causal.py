@@ -230,3 +230,26 @@ def test_causal_solvers_stay_causal_when_they_converge_before_the_budget(name):
     assert worst <= 1e-5, (name, worst)
     at_30 = results[-1]
     assert bool(jnp.all(at_30.converged)) and int(at_30.f_evals) < 31  # stopped before the budget
+
+
+def test_causal_solving_holds_with_segment_memory():
+    """With a memory of the positions before the segment (a constant input of the cell),
+    position t's logits still do not move at any budget when only later tokens change,
+    and they do move when the memory changes (it is attended to)."""
+    from deq_jax.models import empty_memory
+
+    _, params, tokens = _transformer(3.0, pre_ln=False)
+    model = DEQTransformer(V, d_model=32, num_heads=4, d_ff=64, pre_ln=False, mem_len=8)
+    memory = empty_memory(B, 8, 32)
+    memory = memory._replace(states=jax.random.normal(jax.random.key(3), memory.states.shape),
+                             valid=jnp.ones_like(memory.valid))
+    solver = deq_jax.SolverConfig("broyden", max_steps=30, tol=1e-9, causal_axis=1)
+    run = jax.jit(lambda toks, mem, limit: objective.forward(model, params, toks, mode="deq", config=solver,
+                                                              step_limit=limit, memory=mem).logits)
+    t = T // 2
+    changed = tokens.at[:, t:].set((tokens[:, t:] + 5) % V)
+    for budget in (1, 4, 12, 30):
+        a, b = run(tokens, memory, budget), run(changed, memory, budget)
+        assert float(jnp.max(jnp.abs(a[:, :t] - b[:, :t]))) <= 1e-5, budget
+    other = memory._replace(states=memory.states + 1.0)
+    assert float(jnp.max(jnp.abs(run(tokens, other, 12)[:, :1] - run(tokens, memory, 12)[:, :1]))) > 1e-3

@@ -1,5 +1,5 @@
 """Data: images (digits default, CIFAR-10 and ImageNet through TFDS) and text (pydoc default,
-tiny_shakespeare through TFDS, WikiText-103 token files; see ``deq_jax.data.text``).
+pydoc_words, tiny_shakespeare through TFDS, WikiText-103 token files; see ``deq_jax.data.text``).
 
     dataset = deq_jax.data.load("digits", seed=0)
     images, labels = deq_jax.data.train_batch(dataset, step, batch_size, seed)
@@ -15,11 +15,14 @@ from deq_jax.data.pipeline import Dataset, eval_batches, load, train_batch
 from deq_jax.data.text import (
     TextDataset,
     eval_windows,
+    frequency_vocab,
     load_pydoc,
+    load_pydoc_words,
     load_text,
     load_tiny_shakespeare,
     load_wikitext103,
     stream_batch,
+    stream_windows,
     unigram_bits,
 )
 
@@ -29,15 +32,18 @@ __all__ = [
     "TextDataset",
     "eval_batches",
     "eval_windows",
+    "frequency_vocab",
     "load",
     "load_cifar10",
     "load_digits",
     "load_imagenet",
     "load_pydoc",
+    "load_pydoc_words",
     "load_text",
     "load_tiny_shakespeare",
     "load_wikitext103",
     "stream_batch",
+    "stream_windows",
     "train_batch",
     "unigram_bits",
 ]

@@ -1,8 +1,27 @@
 """Flax models whose core is an equilibrium cell inside a :class:`deq_jax.linen.DEQ` layer."""
 
-from deq_jax.models.deq_transformer import DEQTransformer, DEQTransformerCell, Memory, empty_memory, update_memory
+from deq_jax.models.adaptive import AdaptiveSoftmax
+from deq_jax.models.deq_transformer import (
+    DEQTransformer,
+    DEQTransformerCell,
+    Memory,
+    empty_memory,
+    update_memory,
+)
 from deq_jax.models.mdeq import MDEQ, SIZES, MDEQCell, MDEQSize, get_size
 from deq_jax.models.output import ModelOutput
 
-__all__ = ["DEQTransformer", "DEQTransformerCell", "MDEQ", "MDEQCell", "MDEQSize", "Memory", "ModelOutput", "SIZES",
-           "empty_memory", "get_size", "update_memory"]
+__all__ = [
+    "AdaptiveSoftmax",
+    "DEQTransformer",
+    "DEQTransformerCell",
+    "MDEQ",
+    "MDEQCell",
+    "MDEQSize",
+    "Memory",
+    "ModelOutput",
+    "SIZES",
+    "empty_memory",
+    "get_size",
+    "update_memory",
+]
