@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import parameterized
 from jax.flatten_util import ravel_pytree
 
 from deq_jax.models.adaptive import AdaptiveSoftmax, cluster_layout, param_count
