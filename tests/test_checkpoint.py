@@ -72,9 +72,14 @@ def test_a_checkpoint_of_another_model_names_the_mismatched_leaf(tmp_path, chang
 def test_a_checkpoint_with_the_0_1_cell_layout_restores_under_deq_cell_with_a_warning(tmp_path):
     """deq_jax 0.1 models kept the cell's parameters at the top level; today they live
     under the DEQ layer's ``deq/cell`` scope, in the parameters and in the optimizer's trees."""
-    params = MDEQ("digits").init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), unroll=1)["params"]
     tx = optax.adam(1e-3)
-    new = {"step": jnp.int32(5), "params": params, "opt_state": tx.init(params)}
+
+    @jax.jit
+    def fresh_state():
+        params = MDEQ("digits").init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), unroll=1)["params"]
+        return {"step": jnp.int32(5), "params": params, "opt_state": tx.init(params)}
+
+    new = jax.device_get(fresh_state())
 
     def old_layout(tree):  # the cell's modules moved up to the top level
         tree = dict(tree)

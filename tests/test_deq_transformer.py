@@ -107,11 +107,10 @@ def test_a_segment_with_memory_equals_the_same_tokens_in_one_long_segment(pre_ln
 def test_memory_gets_no_gradient_and_bad_memory_is_an_error():
     _, params, tokens = make()
     model = DEQTransformer(V, d_model=32, num_heads=4, d_ff=64, mem_len=T)
-    short = deq_jax.SolverConfig("broyden", max_steps=4, causal_axis=1)
-    memory = model.apply({"params": params}, tokens, forward=short).memory
+    memory = model.apply({"params": params}, tokens, unroll=1).memory
 
-    def loss(states):
-        out = model.apply({"params": params}, tokens, memory=memory._replace(states=states), forward=short)
+    def loss(states):  # one cell application: the memory is a stop-gradient copy in any mode
+        out = model.apply({"params": params}, tokens, memory=memory._replace(states=states), unroll=1)
         return jnp.sum(out.memory.states) + 0.0 * jnp.sum(out.logits)
 
     # The next memory is a stop-gradient copy: it does not carry gradient to the previous one.
