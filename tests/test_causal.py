@@ -2,8 +2,7 @@
 positions <= t, through the solver's mixing, its stopping and the returned iterate.
 
 Independent truths: the analytic fixed point of a causal (block lower-triangular) linear
-map; the ring-buffer Broyden of ``solvers.broyden`` (the causal Broyden must equal it for
-one position before its memory wraps); and the prefix property itself: solving only the
+map; and the prefix property itself: solving only the
 first t positions must give exactly the values the whole sequence gives there.
 """
 
@@ -85,22 +84,6 @@ def test_a_prefix_alone_gives_the_same_values(name, tol):
         assert bool(jnp.all(full.converged)), full.rel_residual
         assert int(full.f_evals) < 26  # tol met before the budget
         assert int(jnp.max(prefix.n_steps)) < int(jnp.max(full.n_steps))  # the prefix stopped earlier
-
-
-def test_causal_broyden_equals_ring_buffer_broyden_for_one_position():
-    """With T = 1 the coefficient-space causal Broyden is the ring-buffer Broyden (before
-    the ring buffer wraps): the same residual at every step, in float64."""
-    with jax.enable_x64(True):
-        ka, kc = jax.random.split(jax.random.key(2))
-        a = jax.random.normal(ka, (16, 16), jnp.float64)
-        a = 1.3 * a / jnp.max(jnp.abs(jnp.linalg.eigvals(a)))  # iteration would diverge
-        c = jax.random.normal(kc, (3, 16), jnp.float64)
-        ring = solvers.broyden(lambda z: z @ a + c, jnp.zeros((3, 16)), max_steps=19, tol=1e-14, memory=20)
-        causal = solvers.broyden(
-            lambda z: z @ a + c[:, None], jnp.zeros((3, 1, 16)), max_steps=19, tol=1e-14, memory=20, causal_axis=1
-        )
-        assert bool(jnp.all(jnp.isfinite(ring.abs_trace)))
-        np.testing.assert_allclose(causal.abs_trace, ring.abs_trace, rtol=1e-8)
 
 
 def test_pytree_and_a_later_sequence_axis():

@@ -211,3 +211,26 @@ def test_bad_configuration_gives_clear_errors():
     assert hash(config) == hash(deq_jax.SolverConfig("anderson", options={"mixing": 0.5, "memory": 3}))
     with pytest.raises(TypeError, match="unexpected keyword"):
         deq_jax.fixed_point(cell, params, x, jnp.zeros((B, D)), forward=deq_jax.SolverConfig(options={"memry": 3}))
+
+
+def test_precision_reaches_the_forward_and_the_backward_solve():
+    """``SolverConfig(precision=...)`` sets the precision of f in the forward solve and of its
+    VJPs in the backward solve (and of the final parameter VJP), whatever the global default
+    (here bfloat16 passes, as TF32 is on GPUs); None keeps the global default."""
+    from test_solvers import _dot_precisions
+
+    params, x, weights = make_problem(dtype=jnp.float32)
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+
+    def grad_precisions(precision):
+        config = deq_jax.SolverConfig("anderson", max_steps=5, tol=1e-4, precision=precision)
+
+        def loss(p):
+            z, _ = deq_jax.fixed_point(cell, p, x, jnp.zeros((B, D)), forward=config, backward=config)
+            return jnp.sum(weights * z)
+
+        with jax.default_matmul_precision("bfloat16"):
+            return _dot_precisions(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+
+    assert grad_precisions("highest") == {highest}
+    assert grad_precisions(None) != {highest}

@@ -4,6 +4,7 @@ import importlib
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -271,28 +272,105 @@ def test_every_solver_keeps_its_dtypes_under_x64(name, dtype):
         np.testing.assert_allclose(np.asarray(result.z, np.float32), np.asarray(z_star, np.float32), atol=0.1)
 
 
+def _reference_broyden(f, z0, steps, memory):
+    """Textbook limited-memory good Broyden in float64 numpy, one example at a time
+    (``f(z, b)`` maps example b's ``[D]`` vector): the explicit inverse-Jacobian estimate H
+    rebuilt from H = -I with the rank-one corrections H += (s - H y) s^T H / (s^T H y) of
+    the last ``memory`` secant pairs; z <- z - H g. Returns ``||g||`` of z0 and of every
+    iterate, ``[steps + 1, B]``."""
+    norms = []
+    for b, z in enumerate(np.asarray(z0, np.float64)):
+        g = f(z, b) - z
+        pairs, trace = [], [np.linalg.norm(g)]
+        h = -np.eye(z.size)
+        for _ in range(steps):
+            z_next = z - h @ g
+            g_next = f(z_next, b) - z_next
+            pairs = (pairs + [(z_next - z, g_next - g)])[-memory:]
+            z, g = z_next, g_next
+            h = -np.eye(z.size)
+            for s, y in pairs:
+                h = h + np.outer(s - h @ y, s @ h) / (s @ h @ y)
+            trace.append(np.linalg.norm(g))
+        norms.append(trace)
+    return np.array(norms).T
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_broyden_is_good_broyden_on_its_last_pairs(causal):
+    """Every iterate equals the textbook method's (float64), also long after the memory of
+    3 pairs wrapped; in causal mode with one position it is the same method."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        a = rng.normal(size=(6, 6))
+        a = 1.1 * a / np.max(np.abs(np.linalg.eigvals(a)))  # plain iteration diverges
+        c = rng.normal(size=(2, 6))
+
+        def f_np(z, b):
+            return np.tanh(z @ a + c[b])
+
+        ref = _reference_broyden(f_np, np.zeros((2, 6)), 14, 3)
+        a_j, c_j = jnp.asarray(a), jnp.asarray(c)
+        if causal:
+            result = solvers.broyden(
+                lambda z: jnp.tanh(z @ a_j + c_j[:, None]), jnp.zeros((2, 1, 6)),
+                max_steps=14, tol=1e-300, memory=3, causal_axis=1,
+            )
+        else:
+            result = solvers.broyden(lambda z: jnp.tanh(z @ a_j + c_j), jnp.zeros((2, 6)), max_steps=14, tol=1e-300, memory=3)
+        assert ref[-1].max() < 1e-2 * ref[0].min()  # the reference got somewhere
+        np.testing.assert_allclose(result.abs_trace, ref, rtol=1e-9, atol=1e-13)
+
+
+def _hard_dense(key, batch, width, seed_scale=0.25):
+    """f(z) = tanh(z W + x U): W symmetric with spectral radius 1.2 and a small injection
+    (U ~ 0.25 N(0, 1/width)), so tanh stays near its linear range and f is no contraction."""
+    kw, ku, kx = jax.random.split(key, 3)
+    w = jax.random.normal(kw, (width, width))
+    w = (w + w.T) / 2
+    w = 1.2 * w / jnp.max(jnp.abs(jnp.linalg.eigvalsh(w)))
+    c = jax.random.normal(kx, (batch, width)) @ (seed_scale * jax.random.normal(ku, (width, width)) / jnp.sqrt(width))
+    return lambda z: jnp.tanh(z @ w + c)
+
+
+def test_broyden_converges_on_a_hard_map_after_its_memory_wraps():
+    """Plain iteration stalls on this map; Broyden with 8 pairs must go on converging after
+    its memory wraps (a ring of recursive corrections stalled here at relative residual
+    1e-2 after 100 steps: each correction had been formed with pairs it had dropped)."""
+    f = _hard_dense(jax.random.PRNGKey(1), 8, 64)
+    z0 = jnp.zeros((8, 64))
+    plain = solvers.fixed_point_iteration(f, z0, max_steps=100, tol=1e-4)
+    assert float(jnp.max(plain.rel_residual)) > 1e-2
+    result = jax.jit(lambda z0: solvers.broyden(f, z0, max_steps=60, tol=1e-4, memory=8))(z0)
+    assert int(jnp.max(result.n_steps)) > 8  # the memory wrapped
+    _, rel = solvers.residual_norms(result.z, f(result.z))
+    assert float(jnp.max(rel)) < 1e-4, rel
+
+
 def test_broyden_restarts_only_the_example_whose_update_overflows():
-    """Example 0's stored pairs are so large that its update overflows: it restarts (its
-    buffers emptied, a plain f step g taken), while example 1's step is exactly what it is
-    without example 0 in the batch."""
+    """Example 0's stored pairs overflowed to Inf, so its update is not finite: it restarts
+    (its buffers emptied, its pairs dropped, a plain f step g taken), while example 1's
+    step is exactly what it is without example 0 in the batch."""
     broyden_lib = importlib.import_module("deq_jax.solvers.broyden")  # the module, not the function
     method = broyden_lib._method(memory=3)
-    key = jax.random.split(jax.random.PRNGKey(10), 4)
-    z_prev, z = jax.random.normal(key[0], (2, 5)), jax.random.normal(key[1], (2, 5))
-    fz = jax.random.normal(key[2], (2, 5))
-    state = method.init(z_prev, jax.random.normal(key[3], (2, 5)))
-    pairs = jax.random.normal(key[0], (2, 3, 5))
-    state = state._replace(us=pairs.at[0].multiply(1e30), vs=pairs.at[0].multiply(1e30), count=jnp.int32(3))
+    keys = jax.random.split(jax.random.PRNGKey(10), 6)
+    z = jax.random.normal(keys[0], (2, 5))
+    state = method.init(z, jax.random.normal(keys[1], (2, 5)))
+    for key in keys[2:5]:  # three real steps fill the memory
+        z, state = method.step(state, z, jnp.tanh(z) + jax.random.normal(key, (2, 5)))
+    assert bool(jnp.all(state.valid))
+    state = state._replace(a=state.a.at[0].set(jnp.inf))
+    fz = jax.random.normal(keys[5], (2, 5))
     z_next, new = method.step(state, z, fz)
     assert bool(jnp.all(jnp.isfinite(z_next)))
     np.testing.assert_array_equal(z_next[0], z[0] + (fz[0] - z[0]))  # z + g: a plain f step
-    np.testing.assert_array_equal(new.us[0], 0.0)
-    np.testing.assert_array_equal(new.vs[0], 0.0)
-    np.testing.assert_array_equal(new.update[0], fz[0] - z[0])
+    np.testing.assert_array_equal(new.s[0], 0.0)
+    np.testing.assert_array_equal(new.a[0], 0.0)
+    assert not bool(jnp.any(new.valid[0])) and bool(jnp.all(new.valid[1]))
     alone = jax.tree.map(lambda leaf: leaf[1:] if jnp.ndim(leaf) else leaf, state)
     z_alone, new_alone = method.step(alone, z[1:], fz[1:])
     np.testing.assert_array_equal(z_next[1:], z_alone)
-    np.testing.assert_array_equal(new.us[1:], new_alone.us)
+    np.testing.assert_array_equal(new.a[1:], new_alone.a)
 
 
 def test_rel_mode_never_prefers_an_iterate_with_a_larger_absolute_residual_than_z0():
@@ -310,3 +388,34 @@ def test_rel_mode_never_prefers_an_iterate_with_a_larger_absolute_residual_than_
     assert int(loose.n_steps[0]) == 2 and bool(loose.converged[0])
     np.testing.assert_allclose(loose.z, 3.0 * c, rtol=1e-6)
     np.testing.assert_allclose(loose.rel_residual, 4.0 / 7.0, rtol=1e-5)
+
+
+def _dot_precisions(jaxpr) -> set:
+    """The ``precision`` of every dot_general in a (closed) jaxpr, sub-jaxprs included."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.add(eqn.params["precision"])
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found |= _dot_precisions(sub)
+    return found
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_precision_option_sets_the_precision_of_f_inside_the_loop(name):
+    """Under a low global default (bfloat16 passes, as TF32 is on GPUs), ``precision=
+    "highest"`` makes f's matmul inside the while loop full float32; without it f keeps the
+    global default. The solvers' own products are float32 in both."""
+    a, c, _ = _affine_problem(jax.random.PRNGKey(2), 3, 8, 0.5)
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    low = (jax.lax.Precision.DEFAULT, jax.lax.Precision.DEFAULT)
+
+    def precisions(precision):
+        solve = lambda z0: solvers.get(name)(lambda z: z @ a + c, z0, max_steps=5, precision=precision)  # noqa: E731
+        with jax.default_matmul_precision("bfloat16"):
+            return _dot_precisions(jax.make_jaxpr(solve)(jnp.zeros((3, 8))).jaxpr)
+
+    assert precisions("highest") == {highest}
+    assert precisions(None) == {highest, low} if name != "fixed_point_iteration" else {low}
+    with pytest.raises(ValueError, match="precision must be one of"):
+        solvers.get(name)(lambda z: z, jnp.zeros((1, 2)), precision="fp32")

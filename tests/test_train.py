@@ -75,6 +75,20 @@ def test_unknown_config_key_is_a_clear_error():
         resolved.jr.new_key = 1  # locked
 
 
+def test_solver_precision_comes_from_the_config():
+    """``forward.precision`` / ``backward.precision`` reach the solvers (training, eval);
+    unset they keep the platform default, and an unknown value is a clear error."""
+    default = objective.solvers_from_config(config_lib.resolve({}))
+    assert default.forward.precision is None and default.backward.precision is None
+    c = config_lib.resolve({"forward": {"precision": "highest"}, "backward": {"precision": "high"}})
+    chosen = objective.solvers_from_config(c)
+    assert (chosen.forward.precision, chosen.eval_forward.precision, chosen.backward.precision) == (
+        "highest", "highest", "high",
+    )
+    with pytest.raises(ValueError, match="forward.precision must be one of"):
+        config_lib.resolve({"forward": {"precision": "fp32"}})
+
+
 def test_staircase_schedule_follows_its_rule():
     sched = schedules.staircase(0.5, delta=0.1, every=10, pretrain_steps=20)
     state, gammas = sched.init(), []

@@ -75,6 +75,7 @@ def anderson(
     stop_mode: str = "rel",
     step_limit=None,
     causal_axis: int | None = None,
+    precision: str | None = None,
     memory: int = 5,
     regularization: float = 1e-4,
     mixing: float = 1.0,
@@ -86,6 +87,9 @@ def anderson(
       step_limit: optional int (may be traced, e.g. under ``jit``) that lowers the
         step limit to ``min(step_limit, max_steps)`` without recompiling.
       causal_axis: as for :func:`deq_jax.solvers.broyden` (per-position mixing weights).
+      precision: matmul precision of f's evaluations: None (the platform default,
+        TF32 for float32 on NVIDIA GPUs) or a ``jax.default_matmul_precision`` value such
+        as ``"highest"`` (full float32); see ``solvers.base.MATMUL_PRECISIONS``.
       memory: ``m``, the number of past iterates mixed.
       regularization: ``lam``, Tikhonov weight relative to the mean squared residual.
       mixing: ``beta`` in (0, 1]; 1 mixes the f values, smaller values damp.
@@ -100,5 +104,5 @@ def anderson(
     if not 0 < mixing <= 1:
         raise ValueError(f"mixing must be in (0, 1], got {mixing!r}")
     return base.solve(
-        _method(memory, regularization, mixing), f, z0, max_steps, tol, stop_mode, step_limit, causal_axis
+        _method(memory, regularization, mixing), f, z0, max_steps, tol, stop_mode, step_limit, causal_axis, precision
     )

@@ -35,6 +35,7 @@ the methods are written once for both shapes (:func:`pdot`, :func:`pcoeffs`, :fu
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -50,6 +51,10 @@ REL_EPS = 1e-8
 # Full precision for the solvers' small products, also on accelerators whose default
 # float32 matmul precision is lower (TF32 on NVIDIA GPUs).
 PRECISION = jax.lax.Precision.HIGHEST
+# What ``precision=`` accepts for f's own matmuls and convolutions: None keeps the
+# platform's default (on NVIDIA GPUs float32 matmuls then run in TF32, about 3 significant
+# digits per product); the others are ``jax.default_matmul_precision`` values.
+MATMUL_PRECISIONS = (None, "default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 
 
 class SolverResult(NamedTuple):
@@ -107,6 +112,35 @@ def validate(max_steps, tol, stop_mode) -> None:
         raise ValueError(f"tol must be a positive number, got {tol!r}")
     if stop_mode not in STOP_MODES:
         raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
+
+
+def check_precision(precision) -> None:
+    """``ValueError`` unless ``precision`` is one of :data:`MATMUL_PRECISIONS`."""
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"precision must be one of {MATMUL_PRECISIONS}, got {precision!r}")
+
+
+def precision_scope(precision):
+    """A context in which f is traced at matmul ``precision`` (None: the platform default).
+
+    JAX fixes a dot's or convolution's precision when it is traced, so f traced (or
+    linearized) inside this context keeps it wherever it later runs, e.g. in a while loop.
+    """
+    check_precision(precision)
+    return contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)
+
+
+def at_precision(f: Callable, precision) -> Callable:
+    """``f`` traced at matmul ``precision`` (see :func:`precision_scope`); None: f itself."""
+    check_precision(precision)
+    if precision is None:
+        return f
+
+    def f_at_precision(*args):
+        with precision_scope(precision):
+            return f(*args)
+
+    return f_at_precision
 
 
 def working_dtype(dtypes) -> np.dtype:
@@ -226,6 +260,12 @@ def pcoeffs(buffer: Array, x: Array) -> Array:
     return _prefix(jnp.einsum("bm...d,b...d->b...m", buffer, x, precision=PRECISION), x.ndim == 3)
 
 
+def pcoeffs_stacked(buffer: Array, xs: Array) -> Array:
+    """:func:`pcoeffs` of ``buffer`` with each of the k vectors stacked in ``xs`` (``[B, k, D]``
+    or ``[B, k, T, D]``) in one pass over the buffer -> ``[B, k, m]`` or ``[B, T, k, m]``."""
+    return _prefix(jnp.einsum("bm...d,bk...d->b...km", buffer, xs, precision=PRECISION), xs.ndim == 4)
+
+
 def combine(coeffs: Array, buffer: Array) -> Array:
     """``sum_i coeffs[b, (t,) i] * buffer[b, i, (t)]`` -> like one buffer row, ``[B, (T,) D]``."""
     return jnp.einsum("b...m,bm...d->b...d", coeffs, buffer, precision=PRECISION)
@@ -290,14 +330,18 @@ def solve(
     stop_mode: str,
     step_limit: Array | int | None = None,
     causal_axis: int | None = None,
+    precision: str | None = None,
 ) -> SolverResult:
     """Runs ``method`` on ``z = f(z)`` from ``z0`` with the shared bookkeeping (see module doc).
 
     ``step_limit`` (optional, may be a traced int scalar) lowers the step limit below the
     static ``max_steps`` without recompiling; traces keep ``max_steps + 1`` rows.
     ``causal_axis`` (optional): solve causally along this axis of every leaf (module doc).
+    ``precision`` (optional): matmul precision of f's evaluations (:func:`precision_scope`);
+    the loop's own products are always float32 (:data:`PRECISION`).
     """
     validate(max_steps, tol, stop_mode)
+    f = at_precision(f, precision)
     limit = max_steps if step_limit is None else jnp.clip(jnp.asarray(step_limit, jnp.int32), 0, max_steps)
     dtype = working_dtype([leaf.dtype for leaf in jax.tree.leaves(z0)])
     z0_mat, ravel, unravel = ravel_positions(z0, dtype, causal_axis)

@@ -1,27 +1,35 @@
 """Limited-memory ("good") Broyden's method for z = f(z), per example.
 
 Broyden finds a root of g(z) = f(z) - z with quasi-Newton steps z <- z - H g(z), where
-H approximates the inverse Jacobian of g. H starts at -I (so the first step is a plain
-f step) and takes a rank-one correction per step,
+H approximates the inverse Jacobian of g. Good Broyden starts from H = -I (so the first
+step is a plain f step) and, for each secant pair (s, y) = (dz, dg) in turn, takes the
+rank-one correction
 
-    H <- H + (dz - H dg) (dz^T H) / (dz^T H dg),
+    H <- H + (s - H y) (s^T H) / (s^T H y).
 
-kept as H = -I + sum_i u_i v_i^T with the pairs (u_i, v_i) in a ring buffer of
-``memory`` slots: memory does not grow with ``max_steps``; the oldest pair is dropped
-when the buffer is full.
+The limited-memory version here keeps the last ``memory`` pairs and applies exactly these
+corrections for them, from H = -I, at every step (as L-BFGS does), in the compact form
 
-Causal mode (``causal_axis``, see ``solvers.base``): position t takes the step that
-Broyden would take on the prefix problem (positions <= t) from the shared history of
-iterates, H^(t) built from the last ``memory`` secant pairs (dz_i, dg_i) restricted to
-positions <= t. The vectors u_i, v_i of H^(t) differ for every t, but all lie in the span
-of the stored dz_i and dg_i, so they are kept as coefficients over that basis W, computed
-per position from the prefix Gram matrix W^T W (``[B, T, 2m, 2m]``) by the same rank-one
-recursion, rebuilt from H = -I at every step (as L-BFGS does). For ``T = 1`` and before
-the buffer wraps this is exactly the method above (tested); after it wraps, the method
-above keeps pairs formed with older pairs that are gone, this one only the last m.
-A simpler per-position variant (prefix sums inside the formulas above, one shared u_i,
-v_i) is causal too but diverged on a Transformer cell in our tests: its u_i at position
-s < t were formed with the prefix-s scalars, so no H^(t) satisfies the secant equations.
+    H = -I + (S + Y) M^{-1} S^T,    M = tril(S^T S, -1) + S^T Y,
+
+with the pairs as the columns of S and Y in the order they were made (oldest first);
+``tril(., -1)`` keeps the products of each pair with the older ones. The next step is
+``-H g = g - (S + Y) M^{-1} S^T g``. ``M`` (``memory`` x ``memory``) is solved by
+elimination in that order: its k-th pivot is ``-s_k^T H_{k-1} y_k``, the rank-one
+denominator, so a pair whose denominator is 0 or not finite is dropped, as the recursive
+form drops it.
+
+Memory does not grow with ``max_steps``: the big buffers are rings of ``memory`` slots
+(one written per step, in place), and the small products keep the chronological order.
+Per step the method reads the buffers three times (S once, S + Y twice) and solves one
+small system; keeping only the last pairs is what lets it converge where a ring of
+recursive corrections stalls (each correction was formed with older pairs that the ring
+has since dropped).
+
+Causal mode (``causal_axis``, see ``solvers.base``): every inner product above is a
+prefix inner product, so position t takes the step Broyden would take on the prefix
+problem (positions <= t) with its own small system ``[B, T, m, m]``, reading no later
+position. For ``T = 1`` it is the method above.
 """
 
 from __future__ import annotations
@@ -38,125 +46,103 @@ DEFAULT_MEMORY = 20
 
 
 class BroydenState(NamedTuple):
-    us: Array  # [B, memory, D]: batch first, so the products are plain batched matvecs
-    vs: Array  # [B, memory, D]
-    z_prev: Array  # [B, D]
-    g_prev: Array  # [B, D] g(z_prev) = f(z_prev) - z_prev
-    update: Array  # [B, D] -H g_prev, the step taken from z_prev
-    count: Array  # [] rank-one updates made so far
+    """Shapes: ``[B, (T,) ...]``, with ``T`` only in causal mode; ``m`` = memory.
+
+    The buffers are rings (pair i in slot ``i % m``); the small products are in the order
+    the pairs were made, index ``m - 1`` the newest.
+    """
+
+    s: Array  # [B, m, (T,) D] steps s_i = dz_i
+    a: Array  # [B, m, (T,) D] s_i + y_i, y_i = dg_i
+    ss: Array  # [B, (T,) m, m] <s_i, s_j>
+    sy: Array  # [B, (T,) m, m] <s_i, y_j>
+    sg: Array  # [B, (T,) m] <s_i, g_prev>
+    valid: Array  # [B, (T,) m] bool: the pair exists (written, not dropped by a restart)
+    z_prev: Array  # [B, (T,) D]
+    g_prev: Array  # [B, (T,) D] g(z_prev) = f(z_prev) - z_prev
+    count: Array  # [] pairs made so far
+
+
+def _append(x: Array, new: Array, axis: int) -> Array:
+    """Drops index 0 of ``x`` along ``axis`` and appends ``new`` (size 1 there) at the end."""
+    return jnp.concatenate([jax.lax.slice_in_dim(x, 1, x.shape[axis], axis=axis), new], axis=axis)
+
+
+def _append_pair(products: Array, row: Array, column: Array) -> Array:
+    """Shifts an ``[..., m, m]`` matrix one pair older and sets the newest row and column."""
+    top = jnp.concatenate([products[..., 1:, 1:], column[..., :-1, None]], axis=-1)
+    return jnp.concatenate([top, row[..., None, :]], axis=-2)
+
+
+def eliminate(mat: Array, rhs: Array, valid: Array) -> Array:
+    """Solves ``mat c = rhs`` (``[..., m, m]``, ``[..., m]``) by Gaussian elimination in index
+    order, without pivoting. Index k is dropped (``c_k = 0``, its equation removed) when it is
+    not ``valid`` or its pivot is 0 or not finite."""
+    m = mat.shape[-1]
+    small = jnp.finfo(mat.dtype).tiny ** 0.5
+    aug = jnp.concatenate([mat, rhs[..., None]], axis=-1)  # [..., m, m + 1]
+    for k in range(m):
+        row = aug[..., k, :]
+        pivot = row[..., k]
+        ok = valid[..., k] & jnp.isfinite(pivot) & (jnp.abs(pivot) > small)
+        unit = jax.nn.one_hot(k, m + 1, dtype=mat.dtype)
+        row = jnp.where(ok[..., None], row / jnp.where(ok, pivot, 1.0)[..., None], unit)
+        column = aug[..., :, k] * (jnp.arange(m) != k)
+        aug = (aug - column[..., None] * row[..., None, :]).at[..., k, :].set(row)
+    return aug[..., -1]
 
 
 def _method(memory: int) -> base.Method:
-    def init(z, fz):
-        zeros = jnp.zeros((z.shape[0], memory) + z.shape[1:], z.dtype)
-        g = fz - z
-        return BroydenState(us=zeros, vs=zeros, z_prev=z, g_prev=g, update=g, count=jnp.int32(0))
+    m = memory
 
-    def step(s: BroydenState, z, fz):
-        g = fz - z
-        dz = z - s.z_prev
-        slot = s.count % memory
-        # Two passes over each buffer: coefficients, then combinations. The slot about
-        # to be overwritten is read only through these products (no slice of it), which
-        # lets XLA update the buffers in place. Coefficients are [B, memory].
-        cv = base.pcoeffs(s.vs, g)  # <v_i, g>
-        cu = base.pcoeffs(s.us, dz)  # <dz, u_i>
-        keep = (jnp.arange(memory) != slot).astype(cv.dtype)
-        both = jnp.einsum("bk...m,bm...d->bk...d", jnp.stack([cv, cv * keep], axis=1), s.us, precision=base.PRECISION)
-        hg = both[:, 0] - g  # H g with the current H
-        hg_kept = both[:, 1] - g  # ... without the pair in the slot being replaced
-        vt = -dz + base.combine(cu, s.vs)  # dz^T H
-        # H g_prev = -update exactly (same H), so H dg costs no extra pass.
-        hdg = hg + s.update
-        denom = base.pdot(vt, g - s.g_prev)[..., None]
-        ok = jnp.isfinite(denom) & (jnp.abs(denom) > jnp.finfo(z.dtype).tiny ** 0.5)
-        u = jnp.where(ok, (dz - hdg) / jnp.where(ok, denom, 1.0), 0.0)
-        vt = jnp.where(ok, vt, 0.0)
-        # New H = H - u_slot v_slot^T + u vt^T; the next step is -H g.
-        update = -(hg_kept + u * base.pdot(vt, g)[..., None])
-        us, vs = s.us.at[:, slot].set(u), s.vs.at[:, slot].set(vt)
-        # Overflow in H for an example (g itself is finite, or the loop has stopped it):
-        # that example restarts, H = -I (its pairs are dropped), and takes a plain f step,
-        # so the next step's H g_prev = -update holds again. The buffers are only touched
-        # (a cond, not a select every step) when some example overflowed.
-        overflow = ~jnp.all(jnp.isfinite(update), axis=-1)  # [B]
-        update = jnp.where(overflow[:, None], g, update)
-        us, vs = jax.lax.cond(
-            jnp.any(overflow),
-            lambda: tuple(jnp.where(overflow[:, None, None], 0.0, b) for b in (us, vs)),
-            lambda: (us, vs),
+    def init(z, fz):
+        buffer = jnp.zeros((z.shape[0], m) + z.shape[1:], z.dtype)
+        lead = z.shape[:-1]  # [B] or [B, T]
+        products = jnp.zeros(lead + (m, m), z.dtype)
+        return BroydenState(
+            s=buffer, a=buffer, ss=products, sy=products, sg=jnp.zeros(lead + (m,), z.dtype),
+            valid=jnp.zeros(lead + (m,), bool), z_prev=z, g_prev=fz - z, count=jnp.int32(0),
         )
-        new = BroydenState(us=us, vs=vs, z_prev=z, g_prev=g, update=update, count=s.count + 1)
-        return z + update, new
 
-    return base.Method(init, step)
-
-
-class CausalBroydenState(NamedTuple):
-    basis: Array  # [B, 2m, T, D]: slots 0..m-1 hold dz_i, slots m..2m-1 the matching dg_i
-    gram: Array  # [B, T, 2m, 2m] prefix inner products of the basis
-    a: Array  # [B, T, 2m, m] u_i = W a_i per position, column i = i-th oldest pair
-    b: Array  # [B, T, 2m, m] v_i = W b_i
-    z_prev: Array  # [B, T, D]
-    g_prev: Array  # [B, T, D]
-    count: Array  # [] secant pairs stored so far
-
-
-def _causal_method(memory: int) -> base.Method:
-    k = 2 * memory
-
-    def init(z, fz):
-        basis = jnp.zeros((z.shape[0], k) + z.shape[1:], z.dtype)
-        gram = jnp.zeros(z.shape[:2] + (k, k), z.dtype)
-        coef = jnp.zeros(z.shape[:2] + (k, memory), z.dtype)
-        return CausalBroydenState(basis, gram, coef, coef, z, fz - z, jnp.int32(0))
-
-    def apply(left, right, vec):  # sum_i left_i (right_i . vec) per position: [B, T, 2m]
-        return jnp.einsum("btki,bti->btk", left, jnp.einsum("btki,btk->bti", right, vec, precision=base.PRECISION),
-                          precision=base.PRECISION)
-
-    def add_pair(gram, a, b, column, i):
-        """Column ``column`` of a and b from pair i, given the older pairs' columns."""
-        e_dz = jax.nn.one_hot(i, k, dtype=gram.dtype)
-        e_dg = jax.nn.one_hot(memory + i, k, dtype=gram.dtype)
-        g_dz = jnp.take(gram, i, axis=-1)  # G e_dz: [B, T, 2m]
-        g_dg = jnp.take(gram, memory + i, axis=-1)
-        h_dg = -e_dg + apply(a, b, g_dg)  # coefficients of H dg_i
-        v = -e_dz + apply(b, a, g_dz)  # coefficients of H^T dz_i
-        denom = jnp.einsum("btk,btk->bt", v, g_dg, precision=base.PRECISION)[..., None]  # <v_i, dg_i>_t
-        ok = jnp.isfinite(denom) & (jnp.abs(denom) > jnp.finfo(gram.dtype).tiny ** 0.5)
-        u = jnp.where(ok, (e_dz - h_dg) / jnp.where(ok, denom, 1.0), 0.0)
-        return a.at[..., column].set(u), b.at[..., column].set(jnp.where(ok, v, 0.0))
-
-    def step(s: CausalBroydenState, z, fz):
+    def step(st: BroydenState, z, fz):
         g = fz - z
-        dz, dg = z - s.z_prev, g - s.g_prev
-        slot = s.count % memory
-        basis = s.basis.at[:, slot].set(dz).at[:, memory + slot].set(dg)
-        row_dz = base.pcoeffs(basis, dz)  # [B, T, 2m]: <w_j, dz>_t
-        row_dg = base.pcoeffs(basis, dg)
-        gram = s.gram.at[..., slot, :].set(row_dz).at[..., :, slot].set(row_dz)
-        gram = gram.at[..., memory + slot, :].set(row_dg).at[..., :, memory + slot].set(row_dg)
+        s_new = z - st.z_prev
+        y_new = g - st.g_prev
+        slot = st.count % m
+        s = st.s.at[:, slot].set(s_new)
+        a = st.a.at[:, slot].set(s_new + y_new)
 
-        # H^(t) = -I + sum_i (W a_i) (W b_i)^T over the pairs, oldest first. Pairs not
-        # written yet are zero vectors: their denominator is 0 and they are skipped.
-        # Until the buffer is full the older pairs' columns stay valid (their Gram entries
-        # do not change), so one column is added; once it wraps, the oldest pair leaves
-        # and every column is rebuilt from H = -I.
-        def one_more():
-            return add_pair(gram, s.a, s.b, s.count, slot)
+        def chronological(coeffs):  # [..., m] by slot -> oldest first, newest (slot) last
+            return jnp.roll(coeffs, -(slot + 1), axis=-1)
 
-        def rebuild():
-            zeros = jnp.zeros_like(s.a)
-            return jax.lax.fori_loop(
-                0, memory, lambda col, ab: add_pair(gram, *ab, col, (slot + 1 + col) % memory), (zeros, zeros)
-            )
-
-        a, b = jax.lax.cond(s.count < memory, one_more, rebuild)
-        # The next step is -H g = g - W a b^T (W^T g).
-        update = g - base.combine(apply(a, b, base.pcoeffs(basis, g)), basis)
-        update = jnp.where(jnp.isfinite(update), update, g)
-        return z + update, CausalBroydenState(basis, gram, a, b, z, g, s.count + 1)
+        # One pass over S gives <s_i, s_new> and <s_i, g>; one over S + Y gives <s_new, a_j>.
+        both = base.pcoeffs_stacked(s, jnp.stack([s_new, g], axis=1))  # [B, (T,) 2, m]
+        s_s, s_g = chronological(both[..., 0, :]), chronological(both[..., 1, :])
+        s_a = chronological(base.pcoeffs(a, s_new))
+        # <s_i, y_new> = <s_i, g> - <s_i, g_prev>; the newest <s_new, g_prev> is new.
+        s_gprev = _append(st.sg, base.pdot(s_new, st.g_prev)[..., None], axis=-1)
+        ss = _append_pair(st.ss, s_s, s_s)
+        sy = _append_pair(st.sy, s_a - s_s, s_g - s_gprev)
+        valid = _append(st.valid, jnp.ones_like(st.valid[..., :1]), axis=-1)
+        mat = jnp.tril(ss, -1) + sy
+        c = eliminate(mat, jnp.where(valid, s_g, 0.0), valid)
+        update = g - base.combine(jnp.roll(c, slot + 1, axis=-1), a)
+        # Overflow for an example (g itself is finite, or the loop has stopped it): it
+        # restarts from H = -I (its pairs dropped, its buffers zeroed) with a plain f step.
+        # The buffers are only touched (a cond, not a select every step) when one overflowed.
+        overflow = ~jnp.all(jnp.isfinite(update), axis=-1)  # [B, (T)]
+        if overflow.ndim == 2:  # causal: position t's products enter every later prefix
+            overflow = jax.lax.cummax(overflow.astype(jnp.int32), axis=1).astype(bool)
+        update = jnp.where(overflow[..., None], g, update)
+        valid = valid & ~overflow[..., None]
+        mask = overflow[:, None, ..., None]  # [B, 1, (T,) 1], like the buffers
+        s, a = jax.lax.cond(
+            jnp.any(overflow),
+            lambda: (jnp.where(mask, 0.0, s), jnp.where(mask, 0.0, a)),
+            lambda: (s, a),
+        )
+        new = BroydenState(s=s, a=a, ss=ss, sy=sy, sg=s_g, valid=valid, z_prev=z, g_prev=g, count=st.count + 1)
+        return z + update, new
 
     return base.Method(init, step)
 
@@ -170,6 +156,7 @@ def broyden(
     stop_mode: str = "rel",
     step_limit=None,
     causal_axis: int | None = None,
+    precision: str | None = None,
     memory: int = DEFAULT_MEMORY,
 ) -> base.SolverResult:
     """Solves ``z = f(z)`` per example with limited-memory Broyden.
@@ -186,12 +173,14 @@ def broyden(
       causal_axis: optional axis (>= 1) of every leaf of ``z0`` along which ``f`` is
         causal (e.g. 1 for ``[B, T, D]`` sequence states); the solver is then causal at
         every iterate (``solvers.base`` module doc). None: ordinary per-example solve.
-      memory: rank-one pairs kept (ring buffer); costs ``2 * memory * B * D`` floats.
+      precision: matmul precision of f's evaluations: None (the platform default,
+        TF32 for float32 on NVIDIA GPUs) or a ``jax.default_matmul_precision`` value such
+        as ``"highest"`` (full float32); see ``solvers.base.MATMUL_PRECISIONS``.
+      memory: secant pairs kept (the last ones); costs ``2 * memory * B * D`` floats.
 
     Returns:
       A :class:`SolverResult`.
     """
     if not isinstance(memory, int) or memory < 1:
         raise ValueError(f"memory must be a positive int, got {memory!r}")
-    method = _method(memory) if causal_axis is None else _causal_method(memory)
-    return base.solve(method, f, z0, max_steps, tol, stop_mode, step_limit, causal_axis)
+    return base.solve(_method(memory), f, z0, max_steps, tol, stop_mode, step_limit, causal_axis, precision)

@@ -26,6 +26,7 @@ def fixed_point_iteration(
     stop_mode: str = "rel",
     step_limit=None,
     causal_axis: int | None = None,
+    precision: str | None = None,
     damping: float = 0.0,
 ) -> base.SolverResult:
     """Solves ``z = f(z)`` per example by iterating ``f``.
@@ -39,6 +40,9 @@ def fixed_point_iteration(
         step limit to ``min(step_limit, max_steps)`` without recompiling.
       causal_axis: as for :func:`deq_jax.solvers.broyden`; iteration mixes no positions,
         so this changes only the stopping (per prefix) and the returned iterate (the last).
+      precision: matmul precision of f's evaluations: None (the platform default,
+        TF32 for float32 on NVIDIA GPUs) or a ``jax.default_matmul_precision`` value such
+        as ``"highest"`` (full float32); see ``solvers.base.MATMUL_PRECISIONS``.
       damping: weight of the old iterate; 0 is plain iteration.
 
     Returns:
@@ -46,4 +50,4 @@ def fixed_point_iteration(
     """
     if not 0 <= damping < 1:
         raise ValueError(f"damping must be in [0, 1), got {damping!r}")
-    return base.solve(_method(damping), f, z0, max_steps, tol, stop_mode, step_limit, causal_axis)
+    return base.solve(_method(damping), f, z0, max_steps, tol, stop_mode, step_limit, causal_axis, precision)

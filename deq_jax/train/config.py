@@ -12,6 +12,7 @@ import difflib
 import ml_collections
 
 from deq_jax import solvers
+from deq_jax.solvers.base import MATMUL_PRECISIONS
 from deq_jax.data.pipeline import IMAGE_DATA
 from deq_jax.data.text import TEXT_DATA
 
@@ -69,6 +70,9 @@ def default_config() -> ml_collections.ConfigDict:
     # "jr_steps" (MDEQ-Vision): limit + U{-random_lower..+1} on steps that apply JR only.
     c.forward.random_lower_rule = "every_step"
     c.forward.causal = True  # text models: solve causally along the sequence (no effect on images)
+    # Matmul precision of f in the solve: None = platform default (TF32 for float32 on NVIDIA
+    # GPUs), or a jax.default_matmul_precision value, e.g. "highest" (full float32).
+    c.forward.precision = ml_collections.config_dict.placeholder(str)
 
     c.backward = ml_collections.ConfigDict()
     c.backward.mode = "implicit"  # "implicit" (adjoint solve) or "phantom"
@@ -76,6 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.backward.max_steps = 12
     c.backward.tol = 1e-4
     c.backward.stop_mode = "rel"
+    c.backward.precision = ml_collections.config_dict.placeholder(str)  # of the VJPs, as forward.precision
     c.backward.phantom_steps = 5
     c.backward.phantom_damping = 0.5
 
@@ -206,6 +211,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _require(s.solver in solvers.SOLVERS, f"{part}.solver must be one of {sorted(solvers.SOLVERS)}, got {s.solver!r}")
         _require(s.max_steps >= 1 and s.tol > 0, f"{part}.max_steps must be >= 1 and {part}.tol > 0")
         _require(s.stop_mode in ("rel", "abs"), f"{part}.stop_mode must be 'rel' or 'abs', got {s.stop_mode!r}")
+        _require(
+            s.precision in MATMUL_PRECISIONS,
+            f"{part}.precision must be one of {MATMUL_PRECISIONS}, got {s.precision!r}",
+        )
     _require(
         0 <= c.forward.random_lower < c.forward.max_steps,
         "forward.random_lower must be in [0, forward.max_steps)",

@@ -40,12 +40,16 @@ def solvers_from_config(c) -> Solvers:
     causal_axis = 1 if (f.causal and c.data.name in TEXT_DATA) else None
     # The MDEQ rule of random step limits may raise the limit by one (traced step_limit).
     headroom = 1 if (f.random_lower_rule == "jr_steps" and f.random_lower > 0) else 0
-    forward = deq.SolverConfig(f.solver, f.max_steps + headroom, f.tol, f.stop_mode, causal_axis=causal_axis)
+    forward = deq.SolverConfig(
+        f.solver, f.max_steps + headroom, f.tol, f.stop_mode, causal_axis=causal_axis, precision=f.precision
+    )
     if b.mode == "implicit":
-        backward = deq.SolverConfig(b.solver, b.max_steps, b.tol, b.stop_mode)
+        backward = deq.SolverConfig(b.solver, b.max_steps, b.tol, b.stop_mode, precision=b.precision)
     else:
         backward = deq.Phantom(b.phantom_steps, b.phantom_damping)
-    eval_forward = deq.SolverConfig(f.solver, c.eval.max_steps, f.tol, f.stop_mode, causal_axis=causal_axis)
+    eval_forward = deq.SolverConfig(
+        f.solver, c.eval.max_steps, f.tol, f.stop_mode, causal_axis=causal_axis, precision=f.precision
+    )
     return Solvers(forward, backward, eval_forward, c.train.pretrain_layers)
 
 
