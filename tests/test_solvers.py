@@ -353,14 +353,15 @@ def test_broyden_restarts_only_the_example_whose_update_overflows():
     step is exactly what it is without example 0 in the batch."""
     broyden_lib = importlib.import_module("deq_jax.solvers.broyden")  # the module, not the function
     method = broyden_lib._method(memory=3)
-    keys = jax.random.split(jax.random.PRNGKey(10), 6)
+    keys = jax.random.split(jax.random.PRNGKey(10), 7)
     z = jax.random.normal(keys[0], (2, 5))
     state = method.init(z, jax.random.normal(keys[1], (2, 5)))
-    for key in keys[2:5]:  # three real steps fill the memory
+    z = z + 0.1  # as the loop's first step from z0 would
+    for key in keys[2:6]:  # four steps fill the memory
         z, state = method.step(state, z, jnp.tanh(z) + jax.random.normal(key, (2, 5)))
     assert bool(jnp.all(state.valid))
     state = state._replace(a=state.a.at[0].set(jnp.inf))
-    fz = jax.random.normal(keys[5], (2, 5))
+    fz = jax.random.normal(keys[6], (2, 5))
     z_next, new = method.step(state, z, fz)
     assert bool(jnp.all(jnp.isfinite(z_next)))
     np.testing.assert_array_equal(z_next[0], z[0] + (fz[0] - z[0]))  # z + g: a plain f step

@@ -260,12 +260,6 @@ def pcoeffs(buffer: Array, x: Array) -> Array:
     return _prefix(jnp.einsum("bm...d,b...d->b...m", buffer, x, precision=PRECISION), x.ndim == 3)
 
 
-def pcoeffs_stacked(buffer: Array, xs: Array) -> Array:
-    """:func:`pcoeffs` of ``buffer`` with each of the k vectors stacked in ``xs`` (``[B, k, D]``
-    or ``[B, k, T, D]``) in one pass over the buffer -> ``[B, k, m]`` or ``[B, T, k, m]``."""
-    return _prefix(jnp.einsum("bm...d,bk...d->b...km", buffer, xs, precision=PRECISION), xs.ndim == 4)
-
-
 def combine(coeffs: Array, buffer: Array) -> Array:
     """``sum_i coeffs[b, (t,) i] * buffer[b, i, (t)]`` -> like one buffer row, ``[B, (T,) D]``."""
     return jnp.einsum("b...m,bm...d->b...d", coeffs, buffer, precision=PRECISION)

@@ -14,21 +14,22 @@ corrections for them, from H = -I, at every step (as L-BFGS does), in the compac
 
 with the pairs as the columns of S and Y in the order they were made (oldest first);
 ``tril(., -1)`` keeps the products of each pair with the older ones. The next step is
-``-H g = g - (S + Y) M^{-1} S^T g``. ``M`` (``memory`` x ``memory``) is solved by
-elimination in that order: its k-th pivot is ``-s_k^T H_{k-1} y_k``, the rank-one
-denominator, so a pair whose denominator is 0 or not finite is dropped, as the recursive
-form drops it.
+``-H g = g - (S + Y) M^{-1} S^T g``. A new pair adds a row ``<s_new, s_j + y_j>`` and a
+column ``<s_i, y_new>`` to M, and the oldest pair leaves with its row and column, so
+``M^{-1}`` (``memory`` x ``memory`` per example) is kept up to date in O(memory^2) a step:
+the oldest pair leaves by a rank-one downdate, the new one enters by its Schur complement
+``p = -s_new^T H y_new``, which is the rank-one correction's denominator. A pair with
+``p = 0`` (or not finite) is left out, as the recursive form leaves it out.
 
-Memory does not grow with ``max_steps``: the big buffers are rings of ``memory`` slots
-(one written per step, in place), and the small products keep the chronological order.
-Per step the method reads the buffers three times (S once, S + Y twice) and solves one
-small system; keeping only the last pairs is what lets it converge where a ring of
-recursive corrections stalls (each correction was formed with older pairs that the ring
-has since dropped).
+Memory does not grow with ``max_steps``: the big buffers S and S + Y are rings of
+``memory`` slots (one written per step, in place). Per step the method reads them three
+times (S once, S + Y twice). Keeping exactly the last pairs is what lets it converge
+where a ring of recursive corrections stalls: those corrections were formed with older
+pairs that the ring has dropped, and no longer satisfy the recent secant equations.
 
 Causal mode (``causal_axis``, see ``solvers.base``): every inner product above is a
 prefix inner product, so position t takes the step Broyden would take on the prefix
-problem (positions <= t) with its own small system ``[B, T, m, m]``, reading no later
+problem (positions <= t), with its own ``M^{-1}`` (``[B, T, m, m]``), reading no later
 position. For ``T = 1`` it is the method above.
 """
 
@@ -48,48 +49,41 @@ DEFAULT_MEMORY = 20
 class BroydenState(NamedTuple):
     """Shapes: ``[B, (T,) ...]``, with ``T`` only in causal mode; ``m`` = memory.
 
-    The buffers are rings (pair i in slot ``i % m``); the small products are in the order
-    the pairs were made, index ``m - 1`` the newest.
+    The buffers are rings (pair i in slot ``i % m``); the small arrays are in the order the
+    pairs were made, index ``m - 1`` the newest. A pair that is not ``valid`` has a row and
+    column of the identity in ``inv``.
     """
 
     s: Array  # [B, m, (T,) D] steps s_i = dz_i
     a: Array  # [B, m, (T,) D] s_i + y_i, y_i = dg_i
-    ss: Array  # [B, (T,) m, m] <s_i, s_j>
-    sy: Array  # [B, (T,) m, m] <s_i, y_j>
+    inv: Array  # [B, (T,) m, m] M^{-1}
     sg: Array  # [B, (T,) m] <s_i, g_prev>
-    valid: Array  # [B, (T,) m] bool: the pair exists (written, not dropped by a restart)
+    valid: Array  # [B, (T,) m] bool: the pair is in H (made, denominator not 0, no restart since)
     z_prev: Array  # [B, (T,) D]
     g_prev: Array  # [B, (T,) D] g(z_prev) = f(z_prev) - z_prev
     count: Array  # [] pairs made so far
 
 
-def _append(x: Array, new: Array, axis: int) -> Array:
-    """Drops index 0 of ``x`` along ``axis`` and appends ``new`` (size 1 there) at the end."""
-    return jnp.concatenate([jax.lax.slice_in_dim(x, 1, x.shape[axis], axis=axis), new], axis=axis)
+def _drop_oldest(inv: Array) -> Array:
+    """``[..., m, m]`` M^{-1} -> ``[..., m-1, m-1]`` inverse of M without its first row and
+    column: ``N[1:, 1:] - N[1:, 0] N[0, 1:] / N[0, 0]`` (exact for a pair that is an identity
+    row and column, where N[1:, 0] = 0)."""
+    return inv[..., 1:, 1:] - inv[..., 1:, :1] * inv[..., :1, 1:] / inv[..., :1, :1]
 
 
-def _append_pair(products: Array, row: Array, column: Array) -> Array:
-    """Shifts an ``[..., m, m]`` matrix one pair older and sets the newest row and column."""
-    top = jnp.concatenate([products[..., 1:, 1:], column[..., :-1, None]], axis=-1)
-    return jnp.concatenate([top, row[..., None, :]], axis=-2)
-
-
-def eliminate(mat: Array, rhs: Array, valid: Array) -> Array:
-    """Solves ``mat c = rhs`` (``[..., m, m]``, ``[..., m]``) by Gaussian elimination in index
-    order, without pivoting. Index k is dropped (``c_k = 0``, its equation removed) when it is
-    not ``valid`` or its pivot is 0 or not finite."""
-    m = mat.shape[-1]
-    small = jnp.finfo(mat.dtype).tiny ** 0.5
-    aug = jnp.concatenate([mat, rhs[..., None]], axis=-1)  # [..., m, m + 1]
-    for k in range(m):
-        row = aug[..., k, :]
-        pivot = row[..., k]
-        ok = valid[..., k] & jnp.isfinite(pivot) & (jnp.abs(pivot) > small)
-        unit = jax.nn.one_hot(k, m + 1, dtype=mat.dtype)
-        row = jnp.where(ok[..., None], row / jnp.where(ok, pivot, 1.0)[..., None], unit)
-        column = aug[..., :, k] * (jnp.arange(m) != k)
-        aug = (aug - column[..., None] * row[..., None, :]).at[..., k, :].set(row)
-    return aug[..., -1]
+def _add_newest(inv: Array, row: Array, column: Array, corner: Array, ok: Array) -> tuple[Array, Array]:
+    """The inverse of ``[[M, column], [row, corner]]`` from ``inv`` = M^{-1} (``[..., k, k]``)
+    by the Schur complement ``p = corner - row M^{-1} column``, and whether the new index is
+    in: where ``ok`` is False or ``p`` is 0 or not finite it gets an identity row and column
+    instead (the pair is left out)."""
+    inv_col = jnp.einsum("...ij,...j->...i", inv, column, precision=base.PRECISION)
+    row_inv = jnp.einsum("...i,...ij->...j", row, inv, precision=base.PRECISION)
+    pivot = corner - jnp.sum(row * inv_col, axis=-1)
+    ok = ok & jnp.isfinite(pivot) & (jnp.abs(pivot) > jnp.finfo(inv.dtype).tiny ** 0.5)
+    scale = jnp.where(ok, 1.0 / jnp.where(ok, pivot, 1.0), 0.0)[..., None]
+    top = jnp.concatenate([inv + (inv_col * scale)[..., :, None] * row_inv[..., None, :], -(inv_col * scale)[..., None]], -1)
+    bottom = jnp.concatenate([-(row_inv * scale), jnp.where(ok, scale[..., 0], 1.0)[..., None]], -1)
+    return jnp.concatenate([top, bottom[..., None, :]], axis=-2), ok
 
 
 def _method(memory: int) -> base.Method:
@@ -98,10 +92,10 @@ def _method(memory: int) -> base.Method:
     def init(z, fz):
         buffer = jnp.zeros((z.shape[0], m) + z.shape[1:], z.dtype)
         lead = z.shape[:-1]  # [B] or [B, T]
-        products = jnp.zeros(lead + (m, m), z.dtype)
         return BroydenState(
-            s=buffer, a=buffer, ss=products, sy=products, sg=jnp.zeros(lead + (m,), z.dtype),
-            valid=jnp.zeros(lead + (m,), bool), z_prev=z, g_prev=fz - z, count=jnp.int32(0),
+            s=buffer, a=buffer, inv=jnp.broadcast_to(jnp.eye(m, dtype=z.dtype), lead + (m, m)),
+            sg=jnp.zeros(lead + (m,), z.dtype), valid=jnp.zeros(lead + (m,), bool),
+            z_prev=z, g_prev=fz - z, count=jnp.int32(0),
         )
 
     def step(st: BroydenState, z, fz):
@@ -115,17 +109,18 @@ def _method(memory: int) -> base.Method:
         def chronological(coeffs):  # [..., m] by slot -> oldest first, newest (slot) last
             return jnp.roll(coeffs, -(slot + 1), axis=-1)
 
-        # One pass over S gives <s_i, s_new> and <s_i, g>; one over S + Y gives <s_new, a_j>.
-        both = base.pcoeffs_stacked(s, jnp.stack([s_new, g], axis=1))  # [B, (T,) 2, m]
-        s_s, s_g = chronological(both[..., 0, :]), chronological(both[..., 1, :])
-        s_a = chronological(base.pcoeffs(a, s_new))
-        # <s_i, y_new> = <s_i, g> - <s_i, g_prev>; the newest <s_new, g_prev> is new.
-        s_gprev = _append(st.sg, base.pdot(s_new, st.g_prev)[..., None], axis=-1)
-        ss = _append_pair(st.ss, s_s, s_s)
-        sy = _append_pair(st.sy, s_a - s_s, s_g - s_gprev)
-        valid = _append(st.valid, jnp.ones_like(st.valid[..., :1]), axis=-1)
-        mat = jnp.tril(ss, -1) + sy
-        c = eliminate(mat, jnp.where(valid, s_g, 0.0), valid)
+        s_g = chronological(base.pcoeffs(s, g))  # <s_i, g>
+        # M's new row: M[new, j] = <s_new, s_j> + <s_new, y_j> = <s_new, a_j> (j older);
+        # its new column: M[i, new] = <s_i, y_new> = <s_i, g> - <s_i, g_prev> (i older).
+        older = st.valid[..., 1:]
+        row = jnp.where(older, chronological(base.pcoeffs(a, s_new))[..., :-1], 0.0)
+        column = jnp.where(older, s_g[..., :-1] - st.sg[..., 1:], 0.0)
+        corner = base.pdot(s_new, y_new)
+        # An oldest pair whose removal leaves M singular (N[0, 0] = 0) restarts the example.
+        restart = ~(jnp.isfinite(st.inv[..., 0, 0]) & (jnp.abs(st.inv[..., 0, 0]) > jnp.finfo(z.dtype).tiny ** 0.5))
+        inv, ok = _add_newest(_drop_oldest(st.inv), row, column, corner, ~restart)
+        valid = jnp.concatenate([older, ok[..., None]], axis=-1)
+        c = jnp.einsum("...ij,...j->...i", inv, jnp.where(valid, s_g, 0.0), precision=base.PRECISION)
         update = g - base.combine(jnp.roll(c, slot + 1, axis=-1), a)
         # Overflow for an example (g itself is finite, or the loop has stopped it): it
         # restarts from H = -I (its pairs dropped, its buffers zeroed) with a plain f step.
@@ -134,14 +129,16 @@ def _method(memory: int) -> base.Method:
         if overflow.ndim == 2:  # causal: position t's products enter every later prefix
             overflow = jax.lax.cummax(overflow.astype(jnp.int32), axis=1).astype(bool)
         update = jnp.where(overflow[..., None], g, update)
-        valid = valid & ~overflow[..., None]
+        reset = (overflow | restart)[..., None]
+        valid = valid & ~reset
+        inv = jnp.where(reset[..., None], jnp.eye(m, dtype=z.dtype), inv)
         mask = overflow[:, None, ..., None]  # [B, 1, (T,) 1], like the buffers
         s, a = jax.lax.cond(
             jnp.any(overflow),
             lambda: (jnp.where(mask, 0.0, s), jnp.where(mask, 0.0, a)),
             lambda: (s, a),
         )
-        new = BroydenState(s=s, a=a, ss=ss, sy=sy, sg=s_g, valid=valid, z_prev=z, g_prev=g, count=st.count + 1)
+        new = BroydenState(s=s, a=a, inv=inv, sg=s_g, valid=valid, z_prev=z, g_prev=g, count=st.count + 1)
         return z + update, new
 
     return base.Method(init, step)
