@@ -110,6 +110,8 @@ def anderson(
     """
     if not isinstance(memory, int) or memory < 1:
         raise ValueError(f"memory must be a positive int, got {memory!r}")
+    base.validate(max_steps, tol, stop_mode)
+    memory = min(memory, max_steps)  # a solve never makes more entries than steps: no unused slots
     if not regularization >= 0:
         raise ValueError(f"regularization must be >= 0, got {regularization!r}")
     if not 0 < mixing <= 1:

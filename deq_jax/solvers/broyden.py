@@ -180,4 +180,6 @@ def broyden(
     """
     if not isinstance(memory, int) or memory < 1:
         raise ValueError(f"memory must be a positive int, got {memory!r}")
+    base.validate(max_steps, tol, stop_mode)
+    memory = min(memory, max_steps)  # a solve never makes more pairs than steps: no unused slots
     return base.solve(_method(memory), f, z0, max_steps, tol, stop_mode, step_limit, causal_axis, precision)
