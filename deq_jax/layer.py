@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from deq_jax import deq, jacobian
+from deq_jax.mixed_precision import in_compute_dtype
 from deq_jax.solvers import base
 
 Array = jax.Array
@@ -55,6 +56,7 @@ def equilibrium(
     jr_keys: Array | None = None,
     jr_probes: int = 1,
     jr_if: Array | bool | None = None,
+    compute_dtype: Any = None,
 ) -> tuple[PyTree, DEQStats]:
     """z* of ``z = f(params, x, z)`` (or ``unroll`` applications of f), with its statistics.
 
@@ -68,10 +70,14 @@ def equilibrium(
       jr_probes: Hutchinson probes per example.
       jr_if: optional bool scalar (may be traced): compute the JR term only when true
         (``jax.lax.cond``; the term is zeros otherwise), e.g. the paper's per-step coin.
+      compute_dtype: None, or a dtype (e.g. ``jnp.bfloat16``) to evaluate f in, everywhere
+        (solve, unroll, JR term); params, z and the solver stay in their own dtypes
+        (:mod:`deq_jax.mixed_precision`).
 
     Returns:
       ``(z, stats)``: z with z0's structure and a :class:`DEQStats`.
     """
+    f = in_compute_dtype(f, compute_dtype)
     if unroll is None:
         z, result = deq.fixed_point(
             f, params, x, z0, forward=forward, backward=backward, probe=probe, step_limit=step_limit

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from deq_jax import deq
 from deq_jax.layer import DEQStats, equilibrium
+from deq_jax.mixed_precision import in_compute_dtype
 
 Array = jax.Array
 PyTree = Any
@@ -56,6 +57,8 @@ class DEQ(nn.Module):
         :class:`~deq_jax.Phantom`.
       rng_streams: rng streams the cell may use (one key per call, fixed within a solve).
       jr_probes: Hutchinson probes per example of the JR term.
+      compute_dtype: None, or a dtype (e.g. ``jnp.bfloat16``) to evaluate the cell in;
+        its parameters, z and the solver stay float32 (:mod:`deq_jax.mixed_precision`).
     """
 
     cell: nn.Module
@@ -63,6 +66,7 @@ class DEQ(nn.Module):
     backward: deq.SolverConfig | deq.Phantom = deq.DEFAULT_BACKWARD
     rng_streams: tuple[str, ...] = ("dropout",)
     jr_probes: int = 1
+    compute_dtype: Any = None
 
     def __call__(
         self,
@@ -113,9 +117,9 @@ class DEQ(nn.Module):
         )
 
     def cell_function(self):
-        """``(f, theta)``: the pure ``f(theta, x, z) = cell(x, z)`` and its explicit inputs
-        ``theta = (variables, rngs)`` (the cell's variables; one key per rng stream the
-        call has, drawn now). Use it for other quantities of the same map, e.g.
+        """``(f, theta)``: the pure ``f(theta, x, z) = cell(x, z)`` (in ``compute_dtype``) and
+        its explicit inputs ``theta = (variables, rngs)`` (the cell's variables; one key per
+        rng stream the call has, drawn now). Use it for other quantities of the same map, e.g.
         ``deq_jax.spectral_radius(lambda z: f(theta, x, z), z_star, key)``."""
         unbound, variables = self.cell.unbind()
         rngs = {name: self.make_rng(name) for name in self.rng_streams if self.has_rng(name)}
@@ -124,4 +128,4 @@ class DEQ(nn.Module):
             cell_variables, cell_rngs = theta
             return unbound.apply(cell_variables, x, z, rngs=cell_rngs or None)
 
-        return f, (variables, rngs)
+        return in_compute_dtype(f, self.compute_dtype), (variables, rngs)

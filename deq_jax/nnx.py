@@ -41,6 +41,7 @@ from flax import nnx
 
 from deq_jax import deq
 from deq_jax.layer import DEQStats, equilibrium
+from deq_jax.mixed_precision import check_compute_dtype, in_compute_dtype
 
 Array = jax.Array
 PyTree = Any
@@ -55,6 +56,8 @@ class DEQ(nnx.Module):
       backward: the backward :class:`~deq_jax.SolverConfig` (implicit) or
         :class:`~deq_jax.Phantom`.
       jr_probes: Hutchinson probes per example of the JR term.
+      compute_dtype: None, or a dtype (e.g. ``jnp.bfloat16``) to evaluate the cell in;
+        its parameters, z and the solver stay float32 (:mod:`deq_jax.mixed_precision`).
     """
 
     def __init__(
@@ -64,11 +67,14 @@ class DEQ(nnx.Module):
         forward: deq.SolverConfig = deq.DEFAULT_FORWARD,
         backward: deq.SolverConfig | deq.Phantom = deq.DEFAULT_BACKWARD,
         jr_probes: int = 1,
+        compute_dtype: Any = None,
     ):
+        check_compute_dtype(compute_dtype)
         self.cell = cell
         self.forward = forward
         self.backward = backward
         self.jr_probes = jr_probes
+        self.compute_dtype = compute_dtype
 
     def __call__(
         self,
@@ -107,7 +113,7 @@ class DEQ(nnx.Module):
         )
 
     def cell_function(self):
-        """``(f, theta)``: the pure ``f(theta, x, z) = cell(x, z)`` and its explicit input
+        """``(f, theta)``: the pure ``f(theta, x, z) = cell(x, z)`` (in ``compute_dtype``) and its explicit input
         ``theta = (params, rest)``, the cell's state with every rng stream set to a key
         drawn now (each stream advances by one draw)."""
         streams = [node for _, node in nnx.iter_graph(self.cell) if isinstance(node, nnx.RngStream)]
@@ -127,4 +133,4 @@ class DEQ(nnx.Module):
             # where the cell may update its copy, e.g. an rng count).
             return nnx.merge(graph, *jax.tree.map(lambda leaf: leaf, theta))(x, z)
 
-        return f, (params, rest)
+        return in_compute_dtype(f, self.compute_dtype), (params, rest)

@@ -326,3 +326,53 @@ def test_layers_train_under_jit_on_4_devices_without_retracing():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "linen ok" in proc.stdout and "nnx ok" in proc.stdout, proc.stdout
+
+
+# --- mixed precision ------------------------------------------------------------------
+
+
+class Seen:
+    """The (x, z) dtypes a cell was traced with."""
+
+    def __init__(self):
+        self.dtypes = set()
+
+
+class DtypeRecordingCell(nn.Module):
+    """LinenCell that records the dtypes it is traced with."""
+
+    seen: Seen
+
+    @nn.compact
+    def __call__(self, x, z):
+        self.seen.dtypes.add((jnp.dtype(x.dtype).name, jnp.dtype(z.dtype).name))
+        return LinenCell(name="inner")(x, z)
+
+
+def test_bfloat16_cell_keeps_parameters_solver_and_gradients_in_float32():
+    """With ``compute_dtype=bfloat16`` the cell runs on bfloat16 inputs (every evaluation:
+    solve, backward solve, JR term), while parameters, z*, the solver's residuals and the
+    gradients are float32 and agree with the float32 layer to bfloat16 accuracy."""
+    x = inputs()
+    loose = deq_jax.SolverConfig("broyden", max_steps=40, tol=1e-2)
+    seen16, seen32 = Seen(), Seen()
+
+    def model(seen, dtype):
+        return deq_jax.linen.DEQ(DtypeRecordingCell(seen), forward=loose, backward=loose, compute_dtype=dtype)
+
+    params = model(seen32, None).init(jax.random.key(0), x, jnp.zeros((B, D)))["params"]
+    chex.assert_trees_all_equal_dtypes(params, jax.tree.map(lambda p: p.astype(jnp.float32), params))
+
+    def loss(p, dtype, seen):
+        z, stats = model(seen, dtype).apply({"params": p}, x, jnp.zeros((B, D)), jr_keys=jax.random.key(1))
+        return loss_of_z(z) + jnp.mean(stats.jr), (z, stats)
+
+    (_, (z16, stats16)), g16 = jax.value_and_grad(loss, has_aux=True)(params, jnp.bfloat16, seen16)
+    (_, (z32, _)), g32 = jax.value_and_grad(loss, has_aux=True)(params, None, seen32)
+    assert seen16.dtypes == {("bfloat16", "bfloat16")} and seen32.dtypes == {("float32", "float32")}
+    assert z16.dtype == jnp.float32 and stats16.result.rel_residual.dtype == jnp.float32
+    assert bool(jnp.all(stats16.result.converged))
+    chex.assert_trees_all_equal_dtypes(g16, g32)
+    np.testing.assert_allclose(z16, z32, atol=3e-2)
+    for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32), strict=True):
+        np.testing.assert_allclose(a, b, atol=5e-2 * float(jnp.max(jnp.abs(b))))

@@ -89,6 +89,17 @@ def test_solver_precision_comes_from_the_config():
         config_lib.resolve({"forward": {"precision": "fp32"}})
 
 
+def test_compute_dtype_comes_from_the_config():
+    """``model.compute_dtype`` reaches the model's DEQ layer (float32: no casts at all)."""
+    from deq_jax.train import tasks
+
+    assert tasks.make_task(config_lib.resolve({})).model.compute_dtype is None
+    c = config_lib.resolve({"model": {"compute_dtype": "bfloat16"}})
+    assert tasks.make_task(c).model.compute_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="model.compute_dtype must be one of"):
+        config_lib.resolve({"model": {"compute_dtype": "bf16"}})
+
+
 def test_staircase_schedule_follows_its_rule():
     sched = schedules.staircase(0.5, delta=0.1, every=10, pretrain_steps=20)
     state, gammas = sched.init(), []

@@ -187,6 +187,8 @@ class DEQTransformer(nn.Module):
         vocabulary (:class:`~deq_jax.models.adaptive.AdaptiveSoftmax`: tables tied,
         tail projections tied) when ``cutoffs`` is not empty or ``div_val > 1``;
         otherwise one embedding table and a full softmax.
+      compute_dtype: None, or a dtype (e.g. ``jnp.bfloat16``) to evaluate the cell in;
+        parameters, the solver and the rest of the model stay float32.
     """
 
     vocab_size: int
@@ -199,6 +201,7 @@ class DEQTransformer(nn.Module):
     mem_len: int = 0
     cutoffs: tuple[int, ...] = ()
     div_val: int = 1
+    compute_dtype: Any = None
 
     @property
     def adaptive(self) -> bool:
@@ -212,7 +215,9 @@ class DEQTransformer(nn.Module):
         else:
             self.embed = nn.Embed(self.vocab_size, self.d_model)
         self.inject_proj = nn.Dense(self.d_model)
-        self.deq = DEQ(DEQTransformerCell(self.d_model, self.num_heads, self.d_ff, self.pre_ln))
+        self.deq = DEQ(
+            DEQTransformerCell(self.d_model, self.num_heads, self.d_ff, self.pre_ln), compute_dtype=self.compute_dtype
+        )
         self.final_norm = nn.LayerNorm()
         if not self.tie_embeddings:
             self.output = nn.Dense(self.vocab_size)

@@ -284,11 +284,14 @@ class MDEQ(nn.Module):
       size: a name in :data:`SIZES` or an :class:`MDEQSize`.
       num_classes: output classes.
       dropout: variational dropout rate inside the cell (mask fixed for a forward pass).
+      compute_dtype: None, or a dtype (e.g. ``jnp.bfloat16``) to evaluate the cell in;
+        parameters, the solver and the rest of the model stay float32.
     """
 
     size: str | MDEQSize = "digits"
     num_classes: int = 10
     dropout: float = 0.0
+    compute_dtype: Any = None
 
     def setup(self):
         s = get_size(self.size)
@@ -300,7 +303,7 @@ class MDEQ(nn.Module):
         if s.inject_conv:
             self.inject_proj = nn.Conv(s.channels[0], (1, 1), use_bias=False)
             self.inject_norm = nn.GroupNorm(s.num_groups)
-        self.deq = DEQ(MDEQCell(s))
+        self.deq = DEQ(MDEQCell(s), compute_dtype=self.compute_dtype)
         if s.head == "bottleneck":
             widths = [4 * h for h in s.head_channels]
             self.head_proj = [Bottleneck(h, s.num_groups) for h in s.head_channels]

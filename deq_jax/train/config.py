@@ -12,6 +12,7 @@ import difflib
 import ml_collections
 
 from deq_jax import solvers
+from deq_jax.mixed_precision import COMPUTE_DTYPES
 from deq_jax.solvers.base import MATMUL_PRECISIONS
 from deq_jax.data.pipeline import IMAGE_DATA
 from deq_jax.data.text import TEXT_DATA
@@ -47,6 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.mem_len = 0  # DEQ-Transformer: segment memory (positions of the stream before the segment)
     c.model.cutoffs = ""  # DEQ-Transformer: adaptive embeddings/softmax cluster starts, e.g. "20000,40000,200000"
     c.model.div_val = 1  # DEQ-Transformer: adaptive cluster i has width d_model // div_val**i
+    # dtype the equilibrium cell computes in: "float32", or "bfloat16" for mixed precision
+    # (parameters, solver and the rest of the model stay float32; set tolerances >= 1e-2).
+    c.model.compute_dtype = "float32"
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 32  # global batch, split over all devices
@@ -225,6 +229,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     )
     _require(isinstance(c.forward.causal, bool), f"forward.causal must be True or False, got {c.forward.causal!r}")
     _require(c.backward.mode in BACKWARD_MODES, f"backward.mode must be one of {BACKWARD_MODES}")
+    _require(
+        c.model.compute_dtype in COMPUTE_DTYPES,
+        f"model.compute_dtype must be one of {COMPUTE_DTYPES}, got {c.model.compute_dtype!r}",
+    )
     j = c.jr
     _require(j.gamma >= 0, f"jr.gamma must be >= 0, got {j.gamma}")
     _require(j.pretrain_gamma >= 0, f"jr.pretrain_gamma must be >= 0, got {j.pretrain_gamma}")
