@@ -27,7 +27,7 @@ from deq_jax.train.metrics import MetricsWriter, read
 from deq_jax.train.optim import make_optimizer
 from deq_jax.train.tasks import Task, make_task
 
-TIMING_KEYS = ("step_time", "examples_per_s", "train_time_s", "device_peak_mb")
+TIMING_KEYS = ("step_time", "data_time", "examples_per_s", "train_time_s", "device_peak_mb")
 SHORT = {"accuracy": "acc", "perplexity": "ppl", "bpc": "bpc"}  # progress-bar names
 
 
@@ -264,16 +264,18 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
         desc=f"train {c.data.name}",
         dynamic_ncols=True,
     )
-    history, tick = [], time.perf_counter()
+    history, tick, data_s = [], time.perf_counter(), 0.0
     compiled, compile_s, step_mb = {}, {}, {}
     streak = (0, 0)  # consecutive skipped steps, and the first of them
     for s in range(start, c.train.num_steps):
+        t_data = time.perf_counter()  # the host prepares batch s while the device runs step s - 1
         inputs, targets = task.train_batch(s)
         if state.memory is not None and task.stream_start(s):  # the windows start over: no context
             state = state.replace(memory=_global_tree(objective.initial_memory(model, c.train.batch_size),
                                                       data_sharding))
         mode = "unrolled" if s < c.train.pretrain_steps else "deq"
         inputs, targets = _global_array(inputs, data_sharding), _global_array(targets, data_sharding)
+        data_s += time.perf_counter() - t_data
         if mode not in compiled:  # compiled ahead of time, so that training time excludes it
             t0 = time.perf_counter()
             compiled[mode] = steps[mode].lower(state, inputs, targets).compile()
@@ -292,6 +294,10 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
             train_time += elapsed
             row |= {
                 "step_time": elapsed / len(history),
+                # Host time per step spent on the batch (loading, augmenting, device_put).
+                # Dispatch is asynchronous, so it overlaps the device's work unless it is
+                # about as long as step_time: then the device waits for data.
+                "data_time": data_s / len(history),
                 "examples_per_s": len(history) * c.train.batch_size / elapsed,
                 "train_time_s": train_time,
                 "step_memory_mb": step_mb[mode],
@@ -309,7 +315,7 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
             )
             skipped = [float(h["skipped"]) for h in history]
             streak = _check_skips(skipped, done_steps - len(history), streak, c.train.max_skipped_steps, row)
-            history, tick = [], time.perf_counter()
+            history, tick, data_s = [], time.perf_counter(), 0.0
         final = done_steps == c.train.num_steps
         if done_steps % c.train.eval_every == 0 or final:
             t0 = time.perf_counter()
