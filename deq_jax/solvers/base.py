@@ -305,7 +305,6 @@ class _Loop(NamedTuple):
     method_state: Any
     stopped: Array  # converged or failed: frozen from now on
     best_z: Array  # lowest-residual iterate (causal: last finite iterate)
-    best_fz: Array
     best_metric: Array  # its stop-mode residual
     best_abs: Array
     best_rel: Array
@@ -365,7 +364,6 @@ def solve(
         method_state=method.init(z0_mat, fz0),
         stopped=met0 | ~finite0,
         best_z=z0_mat,
-        best_fz=fz0,
         best_metric=jnp.where(finite0, metric0, jnp.inf),
         best_abs=abs0,
         best_rel=rel0,
@@ -396,16 +394,22 @@ def solve(
             better = better & ((abs_res <= abs0) | (metric < tol))
         improved = active & finite if causal else active & finite & better
         keep = improved[..., None]
-        # Met NaN/Inf: back to the best (causal: last finite) iterate, and stop.
+        # Met NaN/Inf: back to the best (causal: last finite) iterate, and stop. The method
+        # goes on seeing it with f(z) = z (a zero residual: finite, and the proposal is
+        # discarded); only a step where some example failed pays for the selects.
         back = failed[..., None]
+        z, fz = jax.lax.cond(
+            jnp.any(failed),
+            lambda: (jnp.where(back, s.best_z, z), jnp.where(back, s.best_z, fz)),
+            lambda: (z, fz),
+        )
         return _Loop(
             k=k,
-            z=jnp.where(back, s.best_z, z),
-            fz=jnp.where(back, s.best_fz, fz),
+            z=z,
+            fz=fz,
             method_state=method_state,
             stopped=s.stopped | failed | met,
             best_z=jnp.where(keep, z, s.best_z),
-            best_fz=jnp.where(keep, fz, s.best_fz),
             best_metric=jnp.where(improved, metric, s.best_metric),
             best_abs=jnp.where(improved, abs_res, s.best_abs),
             best_rel=jnp.where(improved, rel_res, s.best_rel),
