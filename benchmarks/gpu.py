@@ -24,7 +24,10 @@ defaults (``torch.backends.cuda.matmul.allow_tf32`` False: full float32 matmuls;
 ``torch.backends.cudnn.allow_tf32`` True: TF32 convolutions). ``--precision highest`` sets
 ``jax_default_matmul_precision = "highest"`` and turns TF32 off in torch for both. The header
 of the output says what was in effect. deq_jax's solvers compute their own small products
-(norms, Broyden/Anderson coefficients) at full float32 either way. Everything is float32.
+(norms, Broyden/Anderson coefficients) at full float32 either way; the solvers' and the train
+configs' own ``precision`` options are left at None (follow the global setting). Everything
+is float32 except the train steps' "bf16" rows (``model.compute_dtype = "bfloat16"``: the
+cell in bfloat16, parameters and solver float32).
 
 Part 1, solvers (``--parts solvers``), one table per cell, weights generated once in JAX by
 benchmarks/problems.py (seed 0) and copied to torch (conv: NHWC/HWIO -> NCHW/OIHW; GroupNorm
@@ -59,9 +62,10 @@ benchmarks/torchdeq_side.py); deq_jax stops each example on its own. Columns:
 Part 2, train steps (``--parts train``), JAX only, through deq_jax.train
 (``step.init_state``, ``make_train_step``): MDEQ-TINY (``deq_jax/configs/cifar_tiny.py``,
 batch 96, random CIFAR-shaped images) and the DEQ-Transformer of ``lm_pydoc`` (its own
-embedded text), each in three modes: pretraining (unrolled cell), DEQ without JR
-(jr.gamma 0) and DEQ with JR on every step (jr.prob 1; MDEQ-TINY has no JR of its own, so
-jr.gamma 0.5 as its config suggests; jr.num_probes as each config says). Columns: compile s
+embedded text), each in five modes: pretraining (unrolled cell), DEQ without JR
+(jr.gamma 0), DEQ with JR on every step (jr.prob 1; MDEQ-TINY has no JR of its own, so
+jr.gamma 0.5 as its config suggests; jr.num_probes as each config says), and both DEQ
+modes again with the cell in bfloat16. Columns: compile s
 (lower + compile of the step); ms/step: median of --repeats steps after a warm-up step,
 blocking after each; fwd / bwd nfe: the mean solver evaluations of those steps (the step's
 own metrics); blocked / async: the time of --repeats steps blocking after each over the time
@@ -220,13 +224,15 @@ class Side:
 
 
 def jax_side(f, params, x, z0, kind: str, sizes: Sizes) -> Side:
+    """deq_jax on one cell. Every jitted function takes the arrays as arguments (no large
+    constants closed over)."""
     import jax
     import jax.numpy as jnp
 
     import deq_jax
     from benchmarks.solvers import _in_while_loop
 
-    sync, n = jax.block_until_ready, sizes.loop_n[kind]
+    sync, n, r = jax.block_until_ready, sizes.loop_n[kind], sizes.repeats
     rows, z_star = [], None
     for solver, memory in MEMORY.items():
         options = {"memory": memory}
@@ -234,40 +240,38 @@ def jax_side(f, params, x, z0, kind: str, sizes: Sizes) -> Side:
             lambda z: f(p, x, z), z0, max_steps=MAX_STEPS, tol=TOL, **o))
         config = deq_jax.SolverConfig(solver, max_steps=MAX_STEPS, tol=TOL, options=options)
 
-        def loss(p, config=config):
+        def loss(p, x, z0, config=config):
             z, _ = deq_jax.fixed_point(f, p, x, z0, forward=config, backward=config)
             return jnp.mean(jnp.square(z))
 
         grad = jax.jit(jax.grad(loss))
+        adjoint = jax.jit(lambda p, x, zs, g, c=config: deq_jax.adjoint_solve(f, p, x, zs, g, c))
         result = solve(params, x, z0)
         z_star = result.z if z_star is None else z_star
-        g = 2.0 * result.z / result.z.size
-        _, adjoint = jax.jit(lambda p, zs, g, c=config: deq_jax.adjoint_solve(f, p, x, zs, g, c))(params, result.z, g)
+        _, stats = adjoint(params, x, result.z, 2.0 * result.z / result.z.size)  # the cotangent of mean(z^2)
         rows.append(Row("deq_jax", solver, int(result.f_evals), float(jnp.max(result.rel_residual)),
-                        median_ms(lambda: solve(params, x, z0), sizes.repeats, sync), int(adjoint.f_evals),
-                        median_ms(lambda: grad(params), sizes.repeats, sync)))
+                        median_ms(lambda: solve(params, x, z0), r, sync), int(stats.f_evals),
+                        median_ms(lambda: grad(params, x, z0), r, sync)))
 
-    f_loop = jax.jit(lambda p, z: _in_while_loop(lambda z: f(p, x, z), n)(z))
-    g = 2.0 * z_star / z_star.size
+    f_loop = jax.jit(lambda p, x, z: _in_while_loop(lambda z: f(p, x, z), n)(z))
 
-    def vjp_loop(p, zs):
+    def vjp_loop(p, x, zs, g):
         _, vjp = jax.vjp(lambda z: f(p, x, z), zs)
         return _in_while_loop(lambda u: vjp(u)[0] + g, n)(g)
 
-    vjp_loop = jax.jit(vjp_loop)
-    f_once = jax.jit(lambda p, z: f(p, x, z))
-    key = jax.random.PRNGKey(0)
-    jac = jax.jit(lambda p, zs: jnp.mean(deq_jax.hutchinson_frobenius(lambda z: f(p, x, z), zs, key)))
-    jac_grad = jax.jit(jax.grad(lambda p, zs: jnp.mean(deq_jax.hutchinson_frobenius(lambda z: f(p, x, z), zs, key))))
-    r = sizes.repeats
+    def jac_mean(p, x, zs):
+        return jnp.mean(deq_jax.hutchinson_frobenius(lambda z: f(p, x, z), zs, jax.random.PRNGKey(0)))
+
+    vjp_loop, f_once, jac, jac_grad = jax.jit(vjp_loop), jax.jit(f), jax.jit(jac_mean), jax.jit(jax.grad(jac_mean))
+    g = 2.0 * z_star / z_star.size
     return Side(
         rows,
-        f_ms=median_ms(lambda: f_loop(params, z0), r, sync) / n,
-        vjp_ms=median_ms(lambda: vjp_loop(params, z_star), r, sync) / n,
-        f_once_ms=median_ms(lambda: f_once(params, z_star), r, sync),
-        jac=float(jac(params, z_star)),
-        jac_ms=median_ms(lambda: jac(params, z_star), r, sync),
-        jac_grad_ms=median_ms(lambda: jac_grad(params, z_star), r, sync),
+        f_ms=median_ms(lambda: f_loop(params, x, z0), r, sync) / n,
+        vjp_ms=median_ms(lambda: vjp_loop(params, x, z_star, g), r, sync) / n,
+        f_once_ms=median_ms(lambda: f_once(params, x, z_star), r, sync),
+        jac=float(jac(params, x, z_star)),
+        jac_ms=median_ms(lambda: jac(params, x, z_star), r, sync),
+        jac_grad_ms=median_ms(lambda: jac_grad(params, x, z_star), r, sync),
     )
 
 
@@ -376,11 +380,16 @@ def _merge(c, overrides: dict):
 
 
 def train_modes(jr_gamma: float):
-    """(name, step mode, config overrides) of the three modes."""
+    """(name, step mode, config overrides) of the modes: three in float32, and the DEQ ones
+    again with the cell in bfloat16 (``model.compute_dtype``; parameters and solver float32)."""
+    no_jr, jr = {"gamma": 0.0, "prob": 0.0}, {"gamma": jr_gamma, "prob": 1.0}
+    bf16 = {"compute_dtype": "bfloat16"}
     return (
         ("pretrain", "unrolled", {}),
-        ("deq", "deq", {"jr": {"gamma": 0.0, "prob": 0.0}}),
-        ("deq+jr", "deq", {"jr": {"gamma": jr_gamma, "prob": 1.0}}),
+        ("deq", "deq", {"jr": no_jr}),
+        ("deq+jr", "deq", {"jr": jr}),
+        ("deq bf16", "deq", {"jr": no_jr, "model": bf16}),
+        ("deq+jr bf16", "deq", {"jr": jr, "model": bf16}),
     )
 
 
@@ -389,8 +398,9 @@ def mdeq_setup(c, image_size: int, n_batches: int):
     import numpy as np
 
     from deq_jax.models import MDEQ
+    from deq_jax.train.tasks import cell_compute_dtype
 
-    model = MDEQ(c.model.size, num_classes=10, dropout=c.model.dropout)
+    model = MDEQ(c.model.size, num_classes=10, dropout=c.model.dropout, compute_dtype=cell_compute_dtype(c))
     rng = np.random.default_rng(0)
     shape = (c.train.batch_size, image_size, image_size, 3)
     batches = [(rng.standard_normal(shape, np.float32), rng.integers(0, 10, c.train.batch_size).astype(np.int32))
@@ -455,7 +465,7 @@ def train_row(title: str, module, overrides: dict, mode_overrides: dict, name: s
 
     c = config_lib.resolve(_merge(_merge(module.get_config(), overrides), mode_overrides))
     shape = f"{c.train.batch_size}" + (f" x {c.train.seq_len}" if c.data.name != "cifar10" else "")
-    if name == "deq+jr":
+    if name.startswith("deq+jr"):
         name += f" (gamma {c.jr.gamma:g})"
     try:
         r = time_train_step(c, mode, setup(c), repeats)

@@ -36,14 +36,19 @@ def versions() -> str:
 
 def configure(precision: str) -> str:
     """Sets torch's float32 matmul/conv precision (``highest``: no TF32 anywhere; ``default``:
-    torch's own defaults) and says what is in effect."""
+    torch's own defaults) and says what is in effect. Without a GPU (test runs) torch gets one
+    CPU thread: on a small shared machine its OpenMP threads' spin-waiting made timings erratic
+    (one f call 0.02 ms or 30 ms from run to run)."""
     if precision == "highest":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
     return (
         f"torch.backends.cuda.matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}, "
         f"torch.backends.cudnn.allow_tf32={torch.backends.cudnn.allow_tf32} (convolutions), "
-        f"float32_matmul_precision={torch.get_float32_matmul_precision()!r}"
+        f"float32_matmul_precision={torch.get_float32_matmul_precision()!r}, "
+        f"CPU threads {torch.get_num_threads()}"
     )
 
 

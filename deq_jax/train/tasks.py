@@ -83,7 +83,7 @@ class Task:
         return out
 
 
-def _compute_dtype(c):
+def cell_compute_dtype(c):
     """The cell's compute dtype for the models: None (no casts) for float32."""
     return None if c.model.compute_dtype == "float32" else c.model.compute_dtype
 
@@ -103,7 +103,7 @@ def make_task(c) -> Task:
             name=name,
             data=ds,
             model=MDEQ(c.model.size, num_classes=ds.num_classes, dropout=c.model.dropout,
-                       compute_dtype=_compute_dtype(c)),
+                       compute_dtype=cell_compute_dtype(c)),
             sample_input=np.zeros((1,) + ds.image_shape, np.float32),
             train_batch=lambda step: ds.train_batch(step, c.train.batch_size, c.seed),
             eval_sets={split: lambda: ds.eval_batches(c.eval.batch_size)},
@@ -122,7 +122,7 @@ def make_task(c) -> Task:
         mem_len=m.mem_len,
         cutoffs=config_lib.cutoffs(c),
         div_val=m.div_val,
-        compute_dtype=_compute_dtype(c),
+        compute_dtype=cell_compute_dtype(c),
     )
     if model.cutoffs and model.cutoffs[-1] >= ds.vocab_size:
         raise ValueError(f"model.cutoffs {model.cutoffs} must lie below the {name} vocabulary size {ds.vocab_size}")
