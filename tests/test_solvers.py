@@ -44,10 +44,16 @@ class ConvergenceTest(chex.TestCase):
         assert not bool(jnp.any(result.nonfinite))
         assert float(jnp.max(result.rel_residual)) < 1e-5
         np.testing.assert_allclose(result.z.reshape(batch, dim), z_star, atol=1e-4)
-        # The reported residuals are those of the returned iterate.
-        abs_res, rel_res = solvers.residual_norms(result.z.reshape(batch, -1), f(result.z).reshape(batch, -1))
-        np.testing.assert_allclose(result.abs_residual, abs_res, rtol=1e-3, atol=1e-7)
-        np.testing.assert_allclose(result.rel_residual, rel_res, rtol=1e-3, atol=1e-7)
+        # The reported residuals are those of the returned iterate. f evaluated again here
+        # may round differently from f inside the solver's compiled loop (another summation
+        # order, as on GPUs), and ||f(z) - z|| at convergence is a difference of nearly equal
+        # numbers: the two agree to a few float32 ulps of ||f(z)||, not to a relative 1e-3.
+        fz = f(result.z).reshape(batch, -1)
+        abs_res, rel_res = solvers.residual_norms(result.z.reshape(batch, -1), fz)
+        fz_norm = np.linalg.norm(fz, axis=1)
+        rounding = 4 * np.sqrt(dim) * np.finfo(np.float32).eps * fz_norm
+        np.testing.assert_array_less(np.abs(result.abs_residual - abs_res), 1e-3 * abs_res + rounding)
+        np.testing.assert_array_less(np.abs(result.rel_residual - rel_res), 1e-3 * rel_res + rounding / fz_norm)
 
 
 @pytest.mark.parametrize("name", SOLVER_NAMES)
