@@ -214,7 +214,8 @@ def test_segment_memory_crosses_device_shards_in_training_and_evaluation():
     """Training with memory on 1 and 4 devices: the same losses, and the same memory (each
     row's memory stays on the device holding that row's stream); evaluation carrying memory
     across the valid stream gives the same loss."""
-    env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    # 4 simulated CPU devices, also on a machine with a GPU.
+    env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", _MEMORY_DEVICES, str(ROOT / "tests")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

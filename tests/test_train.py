@@ -355,6 +355,7 @@ def test_consecutive_nan_steps_stop_the_run_with_finite_checkpoints(tmp_path, mo
 MULTIDEVICE = r"""
 import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"  # 4 simulated devices, also on a machine with a GPU
 import jax, jax.numpy as jnp, numpy as np, sys
 sys.path.insert(0, {tests!r})
 from test_train import build, fixed_batch, small_config
