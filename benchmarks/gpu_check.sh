@@ -31,8 +31,8 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run one stage, log it, say how it en
 { nvidia-smi 2>&1 || echo "no nvidia-smi"; python3 -c "import jax; print(jax.__version__, jax.devices())"; } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 # shellcheck disable=SC2086
-stage tests 120 python3 -m pytest -q -x --durations=10 $TESTS
+stage tests 110 python3 -m pytest -q -x --durations=10 $TESTS
 stage bench_solvers 150 python3 benchmarks/gpu.py "${small[@]}" --parts solvers --out "$OUT/bench_solvers.md"
 stage bench_train 180 python3 benchmarks/gpu.py "${small[@]}" --parts train --out "$OUT/bench_train.md"
 stage bench_highest 60 python3 benchmarks/gpu.py "${small[@]}" --parts solvers --precision highest --out "$OUT/bench_highest.md"
-stage train 80 python3 -m experiments.train --workdir="$OUT/digits"
+stage train 90 python3 -m experiments.train --workdir="$OUT/digits"
