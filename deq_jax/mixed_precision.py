@@ -30,7 +30,13 @@ def cast_floating(tree: PyTree, dtype) -> PyTree:
 
 def check_compute_dtype(compute_dtype) -> None:
     """``ValueError`` unless ``compute_dtype`` is None or one of :data:`COMPUTE_DTYPES`."""
-    if compute_dtype is not None and jnp.dtype(compute_dtype).name not in COMPUTE_DTYPES:
+    if compute_dtype is None:
+        return
+    try:
+        name = jnp.dtype(compute_dtype).name
+    except TypeError:  # not a dtype at all, e.g. "bf16"
+        name = None
+    if name not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype must be None or one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
 
 

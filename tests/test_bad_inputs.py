@@ -45,6 +45,11 @@ CASES = {
     "damping 1": (lambda: solvers.fixed_point_iteration(F, Z0, damping=1.0), ValueError, "damping must be in"),
     "f changes shape": (lambda: solvers.broyden(lambda z: z[:, :2], Z0), ValueError, "same structure and shapes"),
     "unknown solver": (lambda: solvers.get("newton"), ValueError, "unknown solver 'newton'"),
+    "precision name": (lambda: deq_jax.SolverConfig("broyden", precision="fp32"), ValueError, "precision must be one of"),
+    "compute_dtype not a dtype": (lambda: deq_jax.equilibrium(cell, PARAMS, X, Z0, compute_dtype="bf16"), ValueError,
+                                  "compute_dtype must be None or one of"),
+    "compute_dtype float64": (lambda: deq_jax.equilibrium(cell, PARAMS, X, Z0, compute_dtype="float64"), ValueError,
+                              "compute_dtype must be None or one of"),
     # the implicit layer
     "x batch 1": (lambda: deq_jax.fixed_point(cell, PARAMS, X[:1], Z0), ValueError, "z0's batch size 4"),
     "x batch 3": (lambda: deq_jax.fixed_point(cell, PARAMS, X[:3], Z0), ValueError, "leading axis"),
