@@ -1,5 +1,6 @@
 """Solvers against independent truths: linear fixed points solved by jnp.linalg.solve."""
 
+import functools
 import importlib
 
 import chex
@@ -354,30 +355,62 @@ def test_broyden_converges_on_a_hard_map_after_its_memory_wraps():
 
 
 def test_broyden_restarts_only_the_example_whose_update_overflows():
-    """Example 0's stored pairs overflowed to Inf, so its update is not finite: it restarts
-    (its buffers emptied, its pairs dropped, a plain f step g taken), while example 1's
-    step is exactly what it is without example 0 in the batch."""
+    """Example 0's small inverse overflowed, so its update is not finite: it restarts (its
+    pairs dropped, a plain f step g taken) and then goes on exactly as a Broyden started
+    afresh at that point, although its buffers still hold its old (finite) pairs; example
+    1's step is exactly what it is without example 0 in the batch."""
     broyden_lib = importlib.import_module("deq_jax.solvers.broyden")  # the module, not the function
     method = broyden_lib._method(memory=3)
     keys = jax.random.split(jax.random.PRNGKey(10), 7)
-    z = jax.random.normal(keys[0], (2, 5))
-    state = method.init(z, jax.random.normal(keys[1], (2, 5)))
+    c = jax.random.normal(keys[0], (2, 5))
+    f = lambda z: jnp.tanh(z) + c  # noqa: E731
+    z = jax.random.normal(keys[1], (2, 5))
+    state = method.init(z, f(z))
     z = z + 0.1  # as the loop's first step from z0 would
-    for key in keys[2:6]:  # four steps fill the memory
-        z, state = method.step(state, z, jnp.tanh(z) + jax.random.normal(key, (2, 5)))
+    for _ in range(4):  # four steps fill the memory
+        z, state = method.step(state, z, f(z))
     assert bool(jnp.all(state.valid))
-    state = state._replace(a=state.a.at[0].set(jnp.inf))
-    fz = jax.random.normal(keys[6], (2, 5))
-    z_next, new = method.step(state, z, fz)
+    state = state._replace(inv=state.inv.at[0].set(3e38))
+    z_next, new = method.step(state, z, f(z))
     assert bool(jnp.all(jnp.isfinite(z_next)))
-    np.testing.assert_array_equal(z_next[0], z[0] + (fz[0] - z[0]))  # z + g: a plain f step
-    np.testing.assert_array_equal(new.s[0], 0.0)
-    np.testing.assert_array_equal(new.a[0], 0.0)
+    np.testing.assert_array_equal(z_next[0], f(z)[0])  # z + g: a plain f step
     assert not bool(jnp.any(new.valid[0])) and bool(jnp.all(new.valid[1]))
+    assert bool(jnp.all(jnp.isfinite(new.s))) and bool(jnp.all(jnp.isfinite(new.a)))
+    assert float(jnp.max(jnp.abs(new.a[0]))) > 0  # the old pairs are still there
     alone = jax.tree.map(lambda leaf: leaf[1:] if jnp.ndim(leaf) else leaf, state)
-    z_alone, new_alone = method.step(alone, z[1:], fz[1:])
+    z_alone, new_alone = method.step(alone, z[1:], f(z)[1:])
     np.testing.assert_array_equal(z_next[1:], z_alone)
     np.testing.assert_array_equal(new.a[1:], new_alone.a)
+    f0 = lambda z: jnp.tanh(z) + c[:1]  # noqa: E731  (example 0's f)
+    fresh, z_fresh = method.init(z[:1], f0(z[:1])), z_next[:1]
+    for _ in range(3):
+        z_next, new = method.step(new, z_next, f(z_next))
+        z_fresh, fresh = method.step(fresh, z_fresh, f0(z_fresh))
+        np.testing.assert_allclose(z_next[:1], z_fresh, rtol=1e-6, atol=1e-6)
+
+
+def _primitives(jaxpr) -> set:
+    """The names of the primitives in a (closed) jaxpr, sub-jaxprs included."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        found.add(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found |= _primitives(sub)
+    return found
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_the_solver_loop_has_no_branch_inside(name, causal):
+    """Inside the while loop there is no ``cond``: on a GPU a branch copies its predicate
+    to the host and waits for it, every step; the loop's own predicate is the only one."""
+    a, _, _ = _affine_problem(jax.random.PRNGKey(2), 3, 8, 0.5)
+    solve = functools.partial(solvers.get(name), lambda z: jnp.tanh(z @ a + 0.5), max_steps=5,
+                              causal_axis=1 if causal else None)
+    jaxpr = jax.make_jaxpr(solve)(jnp.zeros((3, 4, 8) if causal else (3, 8))).jaxpr
+    loops = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "while"]
+    assert len(loops) == 1
+    assert "cond" not in _primitives(loops[0].params["body_jaxpr"].jaxpr)
 
 
 def test_rel_mode_never_prefers_an_iterate_with_a_larger_absolute_residual_than_z0():

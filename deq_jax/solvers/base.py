@@ -394,15 +394,14 @@ def solve(
             better = better & ((abs_res <= abs0) | (metric < tol))
         improved = active & finite if causal else active & finite & better
         keep = improved[..., None]
-        # Met NaN/Inf: back to the best (causal: last finite) iterate, and stop. The method
-        # goes on seeing it with f(z) = z (a zero residual: finite, and the proposal is
-        # discarded); only a step where some example failed pays for the selects.
+        # Met NaN/Inf: stop, back at the previous iterate (finite; in causal mode the last
+        # finite one, which is also what the solve returns; otherwise the solve returns the
+        # best iterate). The method goes on seeing it with f(z) = z (a zero residual:
+        # finite, and the proposal is discarded). Selects, not a `cond`: on a GPU a branch
+        # would copy its predicate to the host every step.
         back = failed[..., None]
-        z, fz = jax.lax.cond(
-            jnp.any(failed),
-            lambda: (jnp.where(back, s.best_z, z), jnp.where(back, s.best_z, fz)),
-            lambda: (z, fz),
-        )
+        z = jnp.where(back, s.z, z)
+        fz = jnp.where(back, z, fz)  # z, not s.z: s.z's buffer is then free (no copy of it)
         return _Loop(
             k=k,
             z=z,

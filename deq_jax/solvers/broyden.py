@@ -64,6 +64,10 @@ class BroydenState(NamedTuple):
     count: Array  # [] pairs made so far
 
 
+def _finite_or_zero(x: Array) -> Array:
+    return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
 def _drop_oldest(inv: Array) -> Array:
     """``[..., m, m]`` M^{-1} -> ``[..., m-1, m-1]`` inverse of M without its first row and
     column: ``N[1:, 1:] - N[1:, 0] N[0, 1:] / N[0, 0]`` (exact for a pair that is an identity
@@ -103,8 +107,11 @@ def _method(memory: int) -> base.Method:
         s_new = z - st.z_prev
         y_new = g - st.g_prev
         slot = st.count % m
-        s = st.s.at[:, slot].set(s_new)
-        a = st.a.at[:, slot].set(s_new + y_new)
+        # The buffers only ever hold finite numbers (a pair that is not valid then adds
+        # exactly 0 to every product below): an example whose z or g is not finite (a
+        # stopped one) writes zeros instead.
+        s = st.s.at[:, slot].set(_finite_or_zero(s_new))
+        a = st.a.at[:, slot].set(_finite_or_zero(s_new + y_new))
 
         def chronological(coeffs):  # [..., m] by slot -> oldest first, newest (slot) last
             return jnp.roll(coeffs, -(slot + 1), axis=-1)
@@ -123,8 +130,8 @@ def _method(memory: int) -> base.Method:
         c = jnp.einsum("...ij,...j->...i", inv, jnp.where(valid, s_g, 0.0), precision=base.PRECISION)
         update = g - base.combine(jnp.roll(c, slot + 1, axis=-1), a)
         # Overflow for an example (g itself is finite, or the loop has stopped it): it
-        # restarts from H = -I (its pairs dropped, its buffers zeroed) with a plain f step.
-        # The buffers are only touched (a cond, not a select every step) when one overflowed.
+        # restarts from H = -I (its pairs dropped) with a plain f step. No branch here: a
+        # `cond` would cost a device-to-host copy of its predicate every step on a GPU.
         overflow = ~jnp.all(jnp.isfinite(update), axis=-1)  # [B, (T)]
         if overflow.ndim == 2:  # causal: position t's products enter every later prefix
             overflow = jax.lax.cummax(overflow.astype(jnp.int32), axis=1).astype(bool)
@@ -132,12 +139,6 @@ def _method(memory: int) -> base.Method:
         reset = (overflow | restart)[..., None]
         valid = valid & ~reset
         inv = jnp.where(reset[..., None], jnp.eye(m, dtype=z.dtype), inv)
-        mask = overflow[:, None, ..., None]  # [B, 1, (T,) 1], like the buffers
-        s, a = jax.lax.cond(
-            jnp.any(overflow),
-            lambda: (jnp.where(mask, 0.0, s), jnp.where(mask, 0.0, a)),
-            lambda: (s, a),
-        )
         new = BroydenState(s=s, a=a, inv=inv, sg=s_g, valid=valid, z_prev=z, g_prev=g, count=st.count + 1)
         return z + update, new
 
