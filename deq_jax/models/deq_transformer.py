@@ -102,28 +102,50 @@ def update_memory(memory: Memory, states: Array) -> Memory:
     return Memory(joined, valid)
 
 
+class AttendedMemory(NamedTuple):
+    """The memory as the attention reads it: its keys and values, computed once per segment
+    (outside the solver: they do not depend on z) by :meth:`DEQTransformerCell.attended_memory`.
+
+    Attributes:
+      keys: ``[B, M, H, Dh]``, with rotary positions ``0..M-1``.
+      values: ``[B, M, H, Dh]``.
+      valid: ``[B, M]`` bool, as in :class:`Memory`.
+    """
+
+    keys: Array
+    values: Array
+    valid: Array
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where position t attends to positions <= t (and to every
     valid memory slot), with rotary (relative) position information on queries and keys:
     memory slot j sits at position j, segment position t at ``M + t``, so distances across
-    the boundary are the distances in the stream."""
+    the boundary are the distances in the stream.
+
+    ``attention(h, memory)``: ``h`` ``[B, T, D]`` and an optional :class:`AttendedMemory`
+    -> ``[B, T, D]``. ``attention(states, project_memory=True)``: the memory's keys and
+    values ``[B, M, H, Dh]`` from its states ``[B, M, D]`` (the same projection as h's)."""
 
     num_heads: int
 
     @nn.compact
-    def __call__(self, h: Array, memory: Memory | None = None) -> Array:
+    def __call__(self, h: Array, memory: AttendedMemory | None = None, *, project_memory: bool = False):
         b, t, d = h.shape
         if d % self.num_heads or (d // self.num_heads) % 2:
             raise ValueError(
                 f"d_model={d} must be divisible by num_heads={self.num_heads} into an even head width (rotary)"
             )
         head = d // self.num_heads
-        m = 0 if memory is None else memory.states.shape[1]
-        keys_in = h if memory is None else jnp.concatenate([memory.states.astype(h.dtype), h], axis=1)
-        qkv = WNDense(3 * d)(keys_in).reshape(b, m + t, 3, self.num_heads, head)
-        positions = jnp.arange(m + t)
-        q = rotary(qkv[:, m:, 0], positions[m:])
-        k, v = rotary(qkv[:, :, 1], positions), qkv[:, :, 2]
+        qkv = WNDense(3 * d)(h).reshape(b, t, 3, self.num_heads, head)
+        if project_memory:
+            return rotary(qkv[:, :, 1]), qkv[:, :, 2]
+        m = 0 if memory is None else memory.keys.shape[1]
+        positions = jnp.arange(m, m + t)
+        q, k, v = rotary(qkv[:, :, 0], positions), rotary(qkv[:, :, 1], positions), qkv[:, :, 2]
+        if memory is not None:
+            k = jnp.concatenate([memory.keys.astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([memory.values.astype(v.dtype), v], axis=1)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head).astype(h.dtype)
         allowed = jnp.tril(jnp.ones((t, m + t), bool), k=m)[None]  # query t sees keys <= M + t
         if memory is not None:
@@ -136,8 +158,8 @@ class CausalSelfAttention(nn.Module):
 
 class DEQTransformerCell(nn.Module):
     """One weight-tied causal Transformer block on ``z + injection``: ``[B, T, D] -> [B, T, D]``
-    (``x = {"injection": [B, T, D], "masks": [B, 1, d_ff]}``, plus ``"memory"``, a
-    :class:`Memory`, when the model has one; see the module doc for pre-LN)."""
+    (``x = {"injection": [B, T, D], "masks": [B, 1, d_ff]}``, plus ``"memory"``, an
+    :class:`AttendedMemory`, when the model has one; see the module doc for pre-LN)."""
 
     d_model: int
     num_heads: int
@@ -157,15 +179,18 @@ class DEQTransformerCell(nn.Module):
         h = z + x["injection"]
         memory = x.get("memory")
         if self.pre_ln:
-            h = h + self.attention(self.norms[0](h), self._normed(memory, self.norms[0]))
+            h = h + self.attention(self.norms[0](h), memory)
             h = h + self._feed_forward(self.norms[1](h), x["masks"])
             return self.norms[2](h)
         h = self.norms[0](h + self.attention(h, memory))
         return self.norms[1](h + self._feed_forward(h, x["masks"]))
 
-    @staticmethod
-    def _normed(memory: Memory | None, norm) -> Memory | None:
-        return None if memory is None else Memory(norm(memory.states), memory.valid)
+    def attended_memory(self, memory: Memory) -> AttendedMemory:
+        """The keys and values the attention reads from ``memory`` (pre-LN: from its
+        LayerNorm-ed states, as h is normed): constants of the solve, computed once."""
+        states = self.norms[0](memory.states) if self.pre_ln else memory.states
+        keys, values = self.attention(states, project_memory=True)
+        return AttendedMemory(keys, values, memory.valid)
 
 
 class DEQTransformer(nn.Module):
@@ -224,7 +249,8 @@ class DEQTransformer(nn.Module):
 
     def inject(self, tokens: Array, dropout_keys: Array | None = None, memory: Memory | None = None) -> dict[str, Any]:
         """Tokens ``[B, T]`` -> ``{"injection": [B, T, d_model], "masks": [B, 1, d_ff]}``, plus
-        ``"memory"`` (``memory``, or an empty one) when ``mem_len > 0``.
+        ``"memory"`` when ``mem_len > 0``: the :class:`AttendedMemory` of ``memory`` (of an
+        empty one if None), computed here once rather than at every cell application.
 
         ``injection = Dense(sqrt(d_model) * embed(tokens))`` (unit scale, see module doc)."""
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -241,18 +267,26 @@ class DEQTransformer(nn.Module):
         else:
             masks = jnp.ones((tokens.shape[0],) + shape, injection.dtype)
         x = {"injection": injection, "masks": masks}
-        if self.mem_len:
-            if memory is None:
-                memory = empty_memory(tokens.shape[0], self.mem_len, self.d_model, injection.dtype)
-            if memory.states.shape != (tokens.shape[0], self.mem_len, self.d_model):
-                raise ValueError(
-                    f"memory states must be [B, mem_len, d_model] = {[tokens.shape[0], self.mem_len, self.d_model]}, "
-                    f"got {list(memory.states.shape)}"
-                )
-            x["memory"] = memory
-        elif memory is not None:
-            raise ValueError("this DEQTransformer has mem_len 0: it takes no memory")
+        memory = self._memory(tokens.shape[0], memory)
+        if memory is not None:
+            x["memory"] = self.deq.cell.attended_memory(memory)
         return x
+
+    def _memory(self, batch: int, memory: Memory | None) -> Memory | None:
+        """``memory`` checked against this model (an empty one when ``mem_len > 0`` and
+        ``memory`` is None)."""
+        if not self.mem_len:
+            if memory is not None:
+                raise ValueError("this DEQTransformer has mem_len 0: it takes no memory")
+            return None
+        if memory is None:
+            return empty_memory(batch, self.mem_len, self.d_model)
+        if memory.states.shape != (batch, self.mem_len, self.d_model):
+            raise ValueError(
+                f"memory states must be [B, mem_len, d_model] = {[batch, self.mem_len, self.d_model]}, "
+                f"got {list(memory.states.shape)}"
+            )
+        return memory
 
     def initial_state(self, x: dict[str, Any]) -> Array:
         return jnp.zeros_like(x["injection"])
@@ -285,9 +319,10 @@ class DEQTransformer(nn.Module):
         ``targets`` ``[B, T]``: the output's ``target_log_prob`` is then ``log p(target)``,
         and with adaptive softmax no full distribution is formed (``logits`` is None). The
         output's ``memory`` is the one for the next segment."""
+        memory = self._memory(tokens.shape[0], memory)
         x = self.inject(tokens, dropout_keys, memory)
         z, stats = self.deq(x, self.initial_state(x), **layer_args)
-        new_memory = update_memory(x["memory"], z + x["injection"]) if self.mem_len else None
+        new_memory = None if memory is None else update_memory(memory, z + x["injection"])
         if targets is None:
             return ModelOutput(self.head(z), z, x, stats, new_memory)
         if self.adaptive:
