@@ -45,7 +45,9 @@ class TextDataset:
       name: corpus name.
       level: ``"char"`` or ``"word"``.
       vocab: token strings; token id i is ``vocab[i]``.
-      train, valid, test: ``[N]`` int32 token ids.
+      train: ``[N]`` int32 token ids of the training split.
+      valid: the same for the validation split.
+      test: the same for the test split.
       word_pattern: for word level, the regex that :meth:`encode` splits text with
         (``None``: split on whitespace, for corpora that come tokenized).
     """

@@ -2,6 +2,7 @@
 
 from deq_jax.models.adaptive import AdaptiveSoftmax
 from deq_jax.models.deq_transformer import (
+    AttendedMemory,
     DEQTransformer,
     DEQTransformerCell,
     Memory,
@@ -13,6 +14,7 @@ from deq_jax.models.output import ModelOutput
 
 __all__ = [
     "AdaptiveSoftmax",
+    "AttendedMemory",
     "DEQTransformer",
     "DEQTransformerCell",
     "MDEQ",
