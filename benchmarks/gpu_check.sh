@@ -34,8 +34,9 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run one stage, log it, say how it en
 cat "$OUT/device.txt"
 for name in $STAGES; do
   case $name in
+    # One process (the GPU machine has no pytest-xdist, and one process should own the GPU).
     # shellcheck disable=SC2086
-    tests) stage tests 110 python3 -m pytest -q -x --durations=10 $TESTS ;;
+    tests) stage tests 110 python3 -m pytest -o addopts=-ra -q -x --durations=10 $TESTS ;;
     bench_solvers) stage bench_solvers 150 python3 benchmarks/gpu.py "${small[@]}" --parts solvers --out "$OUT/bench_solvers.md" ;;
     bench_train) stage bench_train 180 python3 benchmarks/gpu.py "${small[@]}" --parts train --out "$OUT/bench_train.md" ;;
     bench_highest) stage bench_highest 60 python3 benchmarks/gpu.py "${small[@]}" --parts solvers --precision highest --out "$OUT/bench_highest.md" ;;

@@ -10,7 +10,8 @@ in the subprocesses it starts. Tests of the ``precision`` option set their own.
 The training tests compile the same train/eval steps in several processes (a run, the
 same run killed and resumed, 1 vs 4 devices); the cache lets later ones reuse the
 executables, which keeps the suite short on 2 cores. Set through the environment, so
-the subprocesses the tests start use it too.
+the subprocesses the tests start use it too, as do the two pytest-xdist workers
+(``setup.cfg``'s addopts; one test file per worker, so module fixtures run once).
 """
 
 import os
