@@ -9,8 +9,9 @@
 #     && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg && bash benchmarks/gpu_check.sh
 # Logs go to $OUT (default gpu_logs/). The default stages' limits add up to 590 s, under the
 # device tool's 600 s per command. SMALL=1 shrinks the benchmark (a test of this script on a
-# CPU); TESTS overrides the test selection; STAGES picks stages, e.g. STAGES=loop_kernels
-# for a second, short command (60 s: kernels per solver step, benchmarks/loop_kernels.py).
+# CPU); TESTS overrides the test selection; STAGES picks stages, e.g.
+# STAGES="loop_kernels trip_count" for a second, short command (150 s: kernels per solver
+# step, benchmarks/loop_kernels.py; early exit vs a fixed trip count, benchmarks/trip_count.py).
 set -u
 OUT=${OUT:-gpu_logs}
 mkdir -p "$OUT"
@@ -42,6 +43,7 @@ for name in $STAGES; do
     bench_highest) stage bench_highest 60 python3 benchmarks/gpu.py "${small[@]}" --parts solvers --precision highest --out "$OUT/bench_highest.md" ;;
     train) stage train 90 python3 -m experiments.train --workdir="$OUT/digits" ;;
     loop_kernels) stage loop_kernels 60 python3 benchmarks/loop_kernels.py ;;
+    trip_count) stage trip_count 90 python3 benchmarks/trip_count.py ;;
     *) echo "unknown stage $name" | tee -a "$OUT/summary.txt" ;;
   esac
 done

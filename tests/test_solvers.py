@@ -263,6 +263,47 @@ def test_traced_step_limit_equals_static_max_steps(name):
     assert int(limited(50).f_evals) == 21
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_without_early_exit_the_result_is_the_same_after_max_steps_steps(name, causal):
+    """early_exit=False runs all max_steps steps in a loop whose trip count XLA knows
+    (no predicate for a GPU to copy to the host), and returns what the early-exit loop
+    returns: examples that converge early, one that does not converge and one that meets
+    NaN; with and without a (traced) step limit. Only f_evals differs: max_steps + 1."""
+    a, c, _ = _affine_problem(jax.random.PRNGKey(5), 4, 8, 1.0)
+    rate = jnp.array([0.2, 0.6, 0.99, 0.6])[:, None]  # fast, slower, not within the limit, NaN
+    shape = (4, 3, 8) if causal else (4, 8)
+
+    def f(z):
+        mixed = (jnp.cumsum(z, axis=1) / 3.0) @ a if causal else z @ a
+        out = jnp.tanh(rate.reshape((4,) + (1,) * (z.ndim - 1)) * mixed + (c[:, None] if causal else c))
+        blows_up = (jnp.arange(4) == 3).reshape((4,) + (1,) * (z.ndim - 1)) & (jnp.abs(z) > 0.3)
+        return jnp.where(blows_up, jnp.nan, out)
+
+    def solve(early_exit, step_limit=None):
+        return jax.jit(lambda z0, lim: solvers.get(name)(
+            f, z0, max_steps=25, tol=1e-5, step_limit=lim, causal_axis=1 if causal else None, early_exit=early_exit,
+        ))(jnp.zeros(shape), step_limit)
+
+    for limit in (None, 4):
+        early, fixed = solve(True, limit), solve(False, limit)
+        assert int(fixed.f_evals) == 26 and int(early.f_evals) <= (limit or 25) + 1
+        np.testing.assert_array_equal(fixed.n_steps, early.n_steps)
+        np.testing.assert_array_equal(fixed.converged, early.converged)
+        np.testing.assert_array_equal(fixed.nonfinite, early.nonfinite)
+        for got, want in ((fixed.z, early.z), (fixed.abs_residual, early.abs_residual),
+                          (fixed.rel_residual, early.rel_residual), (fixed.rel_trace, early.rel_trace)):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)  # NaN rows in the same places
+    assert bool(early.nonfinite[3]) and not bool(early.converged[2])
+    early = solve(True)
+    assert bool(early.converged[0] & early.converged[1]) and int(jnp.max(early.n_steps[:2])) < 25  # stopped early
+    hlo = jax.jit(lambda z0: solvers.get(name)(f, z0, max_steps=25, early_exit=False)).lower(
+        jnp.zeros(shape)).compile().as_text()
+    assert '"known_trip_count":{"n":"25"}' in hlo
+    with pytest.raises(ValueError, match="early_exit"):
+        solvers.get(name)(f, jnp.zeros(shape), early_exit="no")
+
+
 @pytest.mark.parametrize("name", SOLVER_NAMES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_every_solver_keeps_its_dtypes_under_x64(name, dtype):

@@ -324,6 +324,7 @@ def solve(
     step_limit: Array | int | None = None,
     causal_axis: int | None = None,
     precision: str | None = None,
+    early_exit: bool = True,
 ) -> SolverResult:
     """Runs ``method`` on ``z = f(z)`` from ``z0`` with the shared bookkeeping (see module doc).
 
@@ -332,8 +333,16 @@ def solve(
     ``causal_axis`` (optional): solve causally along this axis of every leaf (module doc).
     ``precision`` (optional): matmul precision of f's evaluations (:func:`precision_scope`);
     the loop's own products are always float32 (:data:`PRECISION`).
+    ``early_exit`` (default True): the loop ends once every example has stopped or the
+    step limit is reached. False: it runs exactly ``max_steps`` steps, a trip count XLA
+    knows at compile time, so a GPU never copies the loop's predicate to the host (it
+    does so every step otherwise); steps past that point change nothing (every example is
+    frozen, trace rows are NaN as if not run), but f still runs: ``f_evals`` is then
+    ``max_steps + 1``. Every other field of the result is the same as with early exit.
     """
     validate(max_steps, tol, stop_mode)
+    if not isinstance(early_exit, bool):
+        raise ValueError(f"early_exit must be True or False, got {early_exit!r}")
     f = at_precision(f, precision)
     limit = max_steps if step_limit is None else jnp.clip(jnp.asarray(step_limit, jnp.int32), 0, max_steps)
     dtype = working_dtype([leaf.dtype for leaf in jax.tree.leaves(z0)])
@@ -377,13 +386,16 @@ def solve(
         return (s.k < limit) & ~jnp.all(s.stopped)
 
     def body(s: _Loop):
+        # Without early exit, a step the early-exit loop would not run freezes everything.
+        ran = True if early_exit else cond(s)
+        stopped = s.stopped if early_exit else s.stopped | ~ran
         z_prop, method_state = method.step(s.method_state, s.z, s.fz)
-        frozen = s.stopped[..., None]
+        frozen = stopped[..., None]
         z = jnp.where(frozen, s.z, z_prop)
         fz = jnp.where(frozen, s.fz, f_mat(z))
         abs_res, rel_res, metric, finite, met = measure(z, fz)
         k = s.k + 1
-        active = ~s.stopped
+        active = ~stopped
         failed = active & ~finite
         # Causal: always the newest finite iterate (see module doc); else the lowest residual,
         # and in rel mode never one with a larger absolute residual than z0's unless it met
@@ -414,11 +426,17 @@ def solve(
             best_rel=jnp.where(improved, rel_res, s.best_rel),
             best_step=jnp.where(improved, k, s.best_step),
             nonfinite=s.nonfinite | failed,
-            abs_trace=s.abs_trace.at[k].set(whole(abs_res)),
-            rel_trace=s.rel_trace.at[k].set(whole(rel_res)),
+            abs_trace=s.abs_trace.at[k].set(row(ran, abs_res)),
+            rel_trace=s.rel_trace.at[k].set(row(ran, rel_res)),
         )
 
-    s = jax.lax.while_loop(cond, body, state)
+    def row(ran, residuals):  # a trace row: NaN for a step the early-exit loop would not run
+        return whole(residuals) if early_exit else jnp.where(ran, whole(residuals), jnp.nan)
+
+    if early_exit:
+        s = jax.lax.while_loop(cond, body, state)
+    else:
+        s = jax.lax.fori_loop(0, max_steps, lambda _, s: body(s), state)
     # Causal: the last position's prefix covers the whole example; it is the last to stop.
     return SolverResult(
         z=unravel(s.best_z),

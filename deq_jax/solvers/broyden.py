@@ -155,6 +155,7 @@ def broyden(
     step_limit=None,
     causal_axis: int | None = None,
     precision: str | None = None,
+    early_exit: bool = True,
     memory: int = DEFAULT_MEMORY,
 ) -> base.SolverResult:
     """Solves ``z = f(z)`` per example with limited-memory Broyden.
@@ -174,6 +175,10 @@ def broyden(
       precision: matmul precision of f's evaluations: None (the platform default,
         TF32 for float32 on NVIDIA GPUs) or a ``jax.default_matmul_precision`` value such
         as ``"highest"`` (full float32); see ``solvers.base.MATMUL_PRECISIONS``.
+      early_exit: True: stop once every example has stopped. False: always run
+        ``max_steps`` steps (the same result, ``f_evals = max_steps + 1``), a trip count
+        known at compile time, so that a GPU does not copy the loop's predicate to the
+        host every step; for short solves that mostly run to their limit (training).
       memory: secant pairs kept (the last ones); costs ``2 * memory * B * D`` floats.
 
     Returns:
@@ -183,4 +188,4 @@ def broyden(
         raise ValueError(f"memory must be a positive int, got {memory!r}")
     base.validate(max_steps, tol, stop_mode)
     memory = min(memory, max_steps)  # a solve never makes more pairs than steps: no unused slots
-    return base.solve(_method(memory), f, z0, max_steps, tol, stop_mode, step_limit, causal_axis, precision)
+    return base.solve(_method(memory), f, z0, max_steps, tol, stop_mode, step_limit, causal_axis, precision, early_exit)
