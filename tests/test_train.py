@@ -90,6 +90,22 @@ def test_solver_precision_comes_from_the_config():
         config_lib.resolve({"forward": {"precision": "fp32"}})
 
 
+def test_early_exit_comes_from_the_config():
+    """``forward.early_exit`` / ``backward.early_exit`` reach the training solves (False: a
+    solve runs all its steps); evaluation solves always exit early."""
+    import jax.numpy as jnp
+
+    default = objective.solvers_from_config(config_lib.resolve({}))
+    assert dict(default.forward.options)["early_exit"] and dict(default.backward.options)["early_exit"]
+    c = config_lib.resolve({"forward": {"early_exit": False, "max_steps": 7}, "backward": {"early_exit": False}})
+    fixed = objective.solvers_from_config(c)
+    assert not dict(fixed.backward.options)["early_exit"] and "early_exit" not in dict(fixed.eval_forward.options)
+    result = fixed.forward.solve(lambda z: 0.5 * z + 1.0, jnp.zeros((2, 3)))  # converges in a few steps
+    assert bool(result.converged.all()) and int(result.f_evals) == 8
+    with pytest.raises(TypeError, match="early_exit"):  # ml_collections keeps the key a bool
+        config_lib.resolve({"forward": {"early_exit": "no"}})
+
+
 def test_compute_dtype_comes_from_the_config():
     """``model.compute_dtype`` reaches the model's DEQ layer (float32: no casts at all)."""
     from deq_jax.train import tasks

@@ -77,6 +77,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Matmul precision of f in the solve: None = platform default (TF32 for float32 on NVIDIA
     # GPUs), or a jax.default_matmul_precision value, e.g. "highest" (full float32).
     c.forward.precision = ml_collections.config_dict.placeholder(str)
+    # False: the training solves always run max_steps steps (per-example stopping kept, same
+    # result), a trip count known at compile time: no loop predicate copied to the host per
+    # step on a GPU. Evaluation solves always exit early.
+    c.forward.early_exit = True
 
     c.backward = ml_collections.ConfigDict()
     c.backward.mode = "implicit"  # "implicit" (adjoint solve) or "phantom"
@@ -85,6 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.backward.tol = 1e-4
     c.backward.stop_mode = "rel"
     c.backward.precision = ml_collections.config_dict.placeholder(str)  # of the VJPs, as forward.precision
+    c.backward.early_exit = True  # as forward.early_exit, for the adjoint solve
     c.backward.phantom_steps = 5
     c.backward.phantom_damping = 0.5
 

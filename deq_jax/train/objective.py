@@ -41,10 +41,13 @@ def solvers_from_config(c) -> Solvers:
     # The MDEQ rule of random step limits may raise the limit by one (traced step_limit).
     headroom = 1 if (f.random_lower_rule == "jr_steps" and f.random_lower > 0) else 0
     forward = deq.SolverConfig(
-        f.solver, f.max_steps + headroom, f.tol, f.stop_mode, causal_axis=causal_axis, precision=f.precision
+        f.solver, f.max_steps + headroom, f.tol, f.stop_mode, causal_axis=causal_axis, precision=f.precision,
+        options={"early_exit": f.early_exit},
     )
     if b.mode == "implicit":
-        backward = deq.SolverConfig(b.solver, b.max_steps, b.tol, b.stop_mode, precision=b.precision)
+        backward = deq.SolverConfig(
+            b.solver, b.max_steps, b.tol, b.stop_mode, precision=b.precision, options={"early_exit": b.early_exit}
+        )
     else:
         backward = deq.Phantom(b.phantom_steps, b.phantom_damping)
     eval_forward = deq.SolverConfig(
