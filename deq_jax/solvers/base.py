@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deq_jax.solvers import conv_layout
+
 Array = jax.Array
 PyTree = Any
 
@@ -348,6 +350,8 @@ def solve(
     dtype = working_dtype([leaf.dtype for leaf in jax.tree.leaves(z0)])
     z0_mat, ravel, unravel = ravel_positions(z0, dtype, causal_axis)
     f_mat = _checked_f(f, z0, ravel, unravel)
+    if jax.default_backend() == "cpu":  # XLA's CPU backend: fast convolutions inside the loop too
+        f_mat = conv_layout.canonical_convolutions(f_mat)
     batch = z0_mat.shape[0]
     use_rel = stop_mode == "rel"
     causal = causal_axis is not None
