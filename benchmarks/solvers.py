@@ -83,8 +83,13 @@ def _table(header, rows):
 
 
 def _in_while_loop(step, n):
-    """``x -> step`` applied n times inside a lax.while_loop, like a solver's body."""
+    """``x -> step`` applied n times inside a lax.while_loop, like a solver's body (with
+    its convolutions in XLA CPU's fast layout on CPU, as the solvers put them)."""
     import jax
+
+    from deq_jax.solvers import conv_layout
+
+    step = conv_layout.on_cpu(step)
 
     def run(x):
         return jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, step(c[1])), (0, x))[1]

@@ -349,9 +349,7 @@ def solve(
     limit = max_steps if step_limit is None else jnp.clip(jnp.asarray(step_limit, jnp.int32), 0, max_steps)
     dtype = working_dtype([leaf.dtype for leaf in jax.tree.leaves(z0)])
     z0_mat, ravel, unravel = ravel_positions(z0, dtype, causal_axis)
-    f_mat = _checked_f(f, z0, ravel, unravel)
-    if jax.default_backend() == "cpu":  # XLA's CPU backend: fast convolutions inside the loop too
-        f_mat = conv_layout.canonical_convolutions(f_mat)
+    f_mat = conv_layout.on_cpu(_checked_f(f, z0, ravel, unravel))  # fast convolutions in the loop
     batch = z0_mat.shape[0]
     use_rel = stop_mode == "rel"
     causal = causal_axis is not None

@@ -13,7 +13,8 @@ conv cell), as does a forward solve of a cell written in NCHW.
 layout itself (transposes of its operands and result, which XLA folds or makes cheap);
 everything else is evaluated as it was. Values are those of the original function up
 to the convolutions' summation order. The solvers apply it to ``f`` on CPU only
-(``base.solve``); on other backends their compilers choose convolution layouts themselves.
+(:func:`on_cpu`, in ``base.solve``); on other backends their compilers choose
+convolution layouts themselves.
 """
 
 from __future__ import annotations
@@ -87,12 +88,19 @@ def _eval(jaxpr: jex.Jaxpr, consts, *args):
 
 
 def canonical_convolutions(f: Callable) -> Callable:
-    """``f`` (one array -> one array) with its convolutions in the layout XLA's CPU backend
-    runs fast (module doc): ``f`` traced once to a jaxpr, which is then evaluated with
-    every other convolution rewritten."""
+    """``f`` (a function of one pytree of arrays) with its convolutions in the layout XLA's
+    CPU backend runs fast (module doc): ``f`` traced once to a jaxpr, which is then
+    evaluated with every other convolution rewritten."""
 
     def f_canonical(z):
-        closed = jax.make_jaxpr(f)(z)
-        return _eval(closed.jaxpr, closed.consts, z)[0]
+        closed, out_shape = jax.make_jaxpr(f, return_shape=True)(z)
+        out = _eval(closed.jaxpr, closed.consts, *jax.tree.leaves(z))
+        return jax.tree.unflatten(jax.tree.structure(out_shape), out)
 
     return f_canonical
+
+
+def on_cpu(f: Callable) -> Callable:
+    """:func:`canonical_convolutions` of ``f`` when JAX's default backend is the CPU,
+    ``f`` itself otherwise."""
+    return canonical_convolutions(f) if jax.default_backend() == "cpu" else f
