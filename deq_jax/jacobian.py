@@ -22,7 +22,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from deq_jax.solvers import base
+from deq_jax.solvers import base, conv_layout
 
 Array = jax.Array
 PROBES = ("gaussian", "rademacher")
@@ -126,6 +126,8 @@ def spectral_radius(fz: Callable, z, key: Array, num_iters: int = 150) -> Array:
     if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 2:
         raise ValueError(f"num_iters must be an int >= 2, got {num_iters!r}")
     _, vjp_fn = jax.vjp(fz, z)
+    # Inside the scan, as in a solver loop: convolutions in XLA CPU's fast layout on CPU.
+    vjp_in_loop = conv_layout.on_cpu(lambda v: vjp_fn(v)[0])
     v0 = jax.tree.map(lambda e: e[0], _draw(key, z, 1, "gaussian"))
 
     def normalize(v):
@@ -135,7 +137,7 @@ def spectral_radius(fz: Callable, z, key: Array, num_iters: int = 150) -> Array:
         return v, n
 
     def body(v, _):
-        w = vjp_fn(v)[0]
+        w = vjp_in_loop(v)
         w, growth = normalize(w)
         return w, jnp.log(growth)
 

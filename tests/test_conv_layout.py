@@ -114,3 +114,16 @@ def test_solves_on_cpu_run_only_canonical_convolutions_inside_their_loops():
     _, result = adjoint(hwio, z_star, z_star)
     _, vjp = jax.vjp(lambda z: cell(hwio, None, z), z_star)
     np.testing.assert_allclose(result.z, vjp(result.z)[0] + z_star, rtol=1e-4, atol=1e-5)  # u = u J + g
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the rewrite is applied on CPU only")
+def test_the_spectral_radius_power_iteration_runs_only_canonical_convolutions():
+    """150 VJPs inside a scan (the evaluation's spectral radius) are transposed convolutions:
+    the same rewrite keeps them in XLA CPU's fast layout, with the values unchanged."""
+    _, nhwc, _, _ = _nchw_cell(jax.random.PRNGKey(6))
+    z = jax.random.normal(jax.random.PRNGKey(7), (2, 6, 6, 4))
+    rho = jax.jit(lambda z: deq_jax.spectral_radius(nhwc, z, jax.random.PRNGKey(8)))
+    assert set(re.findall(r"dim_labels=([\w>-]+)", rho.lower(z).compile().as_text())) == {"b01f_01io->b01f"}
+    exact = [float(jnp.max(jnp.abs(jnp.linalg.eigvals(jax.jacobian(lambda v: nhwc(v[None])[0])(z[b]).reshape(144, 144)))))
+             for b in range(2)]
+    np.testing.assert_allclose(rho(z), exact, rtol=0.05)

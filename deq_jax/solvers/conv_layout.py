@@ -13,7 +13,8 @@ conv cell), as does a forward solve of a cell written in NCHW.
 layout itself (transposes of its operands and result, which XLA folds or makes cheap);
 everything else is evaluated as it was. Values are those of the original function up
 to the convolutions' summation order. The solvers apply it to ``f`` on CPU only
-(:func:`on_cpu`, in ``base.solve``); on other backends their compilers choose
+(:func:`on_cpu`, in ``base.solve``), as does the power iteration of
+``deq_jax.spectral_radius`` to its VJPs; on other backends their compilers choose
 convolution layouts themselves.
 """
 
