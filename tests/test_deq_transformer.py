@@ -2,6 +2,7 @@
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -119,3 +120,40 @@ def test_memory_gets_no_gradient_and_bad_memory_is_an_error():
         model.apply({"params": params}, tokens, memory=memory._replace(states=memory.states[:, 1:]))
     with pytest.raises(ValueError, match="mem_len 0"):
         DEQTransformer(V, d_model=32, num_heads=4, d_ff=64).apply({"params": params}, tokens, memory=memory)
+
+
+def _while_bodies(jaxpr) -> list:
+    """The body jaxprs of every while loop in a jaxpr, sub-jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "while":
+            found.append(eqn.params["body_jaxpr"].jaxpr)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _while_bodies(sub)
+    return found
+
+
+def _dot_operand_shapes(jaxpr) -> list:
+    """The operand shapes of every dot_general in a jaxpr, sub-jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(tuple(tuple(v.aval.shape) for v in eqn.invars))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _dot_operand_shapes(sub)
+    return found
+
+
+def test_the_memory_is_projected_once_per_segment_not_inside_the_solve():
+    """The memory's keys and values are constants of the solve: the forward solve's loop
+    projects only the segment's T rows ([B, T, D] inputs), never the M + T rows of memory
+    and segment together, and the projection of the M memory rows happens outside it."""
+    mem_len = 5
+    _, params, tokens = make()
+    model = DEQTransformer(V, d_model=32, num_heads=4, d_ff=64, mem_len=mem_len)
+    memory = model.apply({"params": params}, tokens, unroll=1).memory
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, tokens, memory=memory).logits)(params).jaxpr
+    (body,) = _while_bodies(jaxpr)  # the forward solve
+    projections = [shapes for shapes in _dot_operand_shapes(body) if len(shapes[0]) == 3 and shapes[0][2] == 32]
+    assert projections and all(shapes[0][:2] == (B, T) for shapes in projections)  # [B, rows, D] @ W: rows = T
+    assert any(shapes[0][:2] == (B, mem_len) for shapes in _dot_operand_shapes(jaxpr))  # so outside the loop
