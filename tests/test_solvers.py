@@ -135,6 +135,56 @@ def test_nonfinite_values_are_flagged_and_never_returned(name):
     assert bool(jnp.all(jnp.isfinite(result.abs_residual)))
 
 
+@pytest.mark.parametrize("early_exit", [True, False])
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_an_example_that_met_nan_leaves_the_others_alone(name, early_exit):
+    """Ordinary solves keep a failed example's non-finite z in the loop (its own rows only):
+    every other example's solve is exactly the solve without it, also when the loop goes on
+    evaluating f on the failed example (``early_exit=False``)."""
+    a, c, _ = _affine_problem(jax.random.PRNGKey(5), 3, 8, 0.5)
+    c = c.at[1].multiply(100.0)
+    bad = jnp.array([False, True, False])
+
+    def solve(rows):  # the examples `rows`; f is NaN for example 1 once ||z|| > 10
+        def f(z):
+            poisoned = bad[rows, None] & (jnp.linalg.norm(z, axis=1, keepdims=True) > 10.0)
+            return jnp.where(poisoned, jnp.nan, z @ a + c[rows])
+
+        return solvers.get(name)(f, jnp.zeros((len(rows), 8)), max_steps=40, tol=1e-5, early_exit=early_exit)
+
+    both, alone = solve(np.array([0, 1, 2])), solve(np.array([0, 2]))
+    assert bool(both.nonfinite[1]) and not bool(jnp.any(alone.nonfinite))
+    np.testing.assert_allclose(both.z[::2], alone.z, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(both.n_steps[::2], alone.n_steps)
+    np.testing.assert_allclose(both.abs_trace[:, ::2], alone.abs_trace, rtol=1e-5, atol=1e-7)
+
+
+def _moved_carries(loop) -> list:
+    """``(from, to)`` positions of a while loop's carry whose body passes the input at one
+    position straight on to another (a move, which XLA's CPU copy insertion pays with a
+    copy of the array every step)."""
+    body = loop.params["body_jaxpr"].jaxpr
+    carry_in = body.invars[loop.params["body_nconsts"]:]
+    position = {id(v): i for i, v in enumerate(carry_in)}
+    return [(position[id(v)], j) for j, v in enumerate(body.outvars)
+            if id(v) in position and position[id(v)] != j]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_no_solver_moves_a_loop_carry_to_another_slot(name, causal):
+    """Broyden needs the previous z and g: it keeps them in two-slot rings, written before
+    they are read, not in a ``z_prev`` slot that receives the loop's z every step (on XLA's
+    CPU backend that move cost two to five copies of z-sized arrays a step, 2 MB each on
+    the conv benchmark cell)."""
+    a, _, _ = _affine_problem(jax.random.PRNGKey(2), 3, 8, 0.5)
+    solve = functools.partial(solvers.get(name), lambda z: jnp.tanh(z @ a + 0.5), max_steps=5,
+                              causal_axis=1 if causal else None)
+    jaxpr = jax.make_jaxpr(solve)(jnp.zeros((3, 4, 8) if causal else (3, 8))).jaxpr
+    (loop,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "while"]
+    assert _moved_carries(loop) == []
+
+
 def test_nonfinite_at_start():
     def f(z):
         return jnp.where(jnp.arange(2)[:, None] == 0, jnp.inf, 0.5 * z + 1.0)

@@ -97,7 +97,8 @@ class Method(NamedTuple):
     ``init(z, fz) -> state`` and ``step(state, z, fz) -> (z_next, state)``, where
     ``z`` and ``fz = f(z)`` are ``[B, D]`` arrays in the working dtype. The loop
     freezes examples that have stopped, so a method may propose anything for them
-    but must keep every example's computation independent of the others.
+    but must keep every example's computation independent of the others: the ``z``
+    and ``fz`` of an example that met NaN/Inf stay non-finite (ordinary solves).
     """
 
     init: Callable[[Array, Array], Any]
@@ -408,14 +409,19 @@ def solve(
             better = better & ((abs_res <= abs0) | (metric < tol))
         improved = active & finite if causal else active & finite & better
         keep = improved[..., None]
-        # Met NaN/Inf: stop, back at the previous iterate (finite; in causal mode the last
-        # finite one, which is also what the solve returns; otherwise the solve returns the
-        # best iterate). The method goes on seeing it with f(z) = z (a zero residual:
-        # finite, and the proposal is discarded). Selects, not a `cond`: on a GPU a branch
-        # would copy its predicate to the host every step.
-        back = failed[..., None]
-        z = jnp.where(back, s.z, z)
-        fz = jnp.where(back, z, fz)  # z, not s.z: s.z's buffer is then free (no copy of it)
+        # Met NaN/Inf: the example (causal: the position and every later one) stops, and the
+        # solve returns its best iterate, which is finite. Ordinary solves leave the
+        # non-finite z in the carry: it never leaves the example's own rows (f and the
+        # methods are per example), and its proposals are discarded. Causal solves go back to
+        # the previous iterate (the last finite one, also what they return), with f(z) = z:
+        # f mixes positions, and a NaN at a later position can reach earlier ones through
+        # products with zero weights (0 * NaN = NaN, e.g. masked attention), which the
+        # stopped positions must not do. Selects, not a `cond`: on a GPU a branch would copy
+        # its predicate to the host every step.
+        if causal:
+            back = failed[..., None]
+            z = jnp.where(back, s.z, z)
+            fz = jnp.where(back, z, fz)  # z, not s.z: s.z's buffer is then free (no copy of it)
         return _Loop(
             k=k,
             z=z,

@@ -59,8 +59,8 @@ class BroydenState(NamedTuple):
     inv: Array  # [B, (T,) m, m] M^{-1}
     sg: Array  # [B, (T,) m] <s_i, g_prev>
     valid: Array  # [B, (T,) m] bool: the pair is in H (made, denominator not 0, no restart since)
-    z_prev: Array  # [B, (T,) D]
-    g_prev: Array  # [B, (T,) D] g(z_prev) = f(z_prev) - z_prev
+    z_ring: Array  # [B, 2, (T,) D] the iterates of the last two steps (slot count % 2: the current)
+    g_ring: Array  # [B, 2, (T,) D] their g(z) = f(z) - z
     count: Array  # [] pairs made so far
 
 
@@ -96,16 +96,22 @@ def _method(memory: int) -> base.Method:
     def init(z, fz):
         buffer = jnp.zeros((z.shape[0], m) + z.shape[1:], z.dtype)
         lead = z.shape[:-1]  # [B] or [B, T]
+        ring = jnp.zeros((z.shape[0], 2) + z.shape[1:], z.dtype)
         return BroydenState(
             s=buffer, a=buffer, inv=jnp.broadcast_to(jnp.eye(m, dtype=z.dtype), lead + (m, m)),
             sg=jnp.zeros(lead + (m,), z.dtype), valid=jnp.zeros(lead + (m,), bool),
-            z_prev=z, g_prev=fz - z, count=jnp.int32(0),
+            z_ring=ring.at[:, 1].set(z), g_ring=ring.at[:, 1].set(fz - z), count=jnp.int32(0),
         )
 
     def step(st: BroydenState, z, fz):
         g = fz - z
-        s_new = z - st.z_prev
-        y_new = g - st.g_prev
+        # The previous z and g sit in a ring of two slots, written before they are read: a
+        # carry that moved z into a z_prev slot would cost XLA's CPU while loop two to five
+        # copies of z-sized arrays a step (its copy insertion cannot order the move).
+        z_ring = st.z_ring.at[:, st.count % 2].set(z)
+        g_ring = st.g_ring.at[:, st.count % 2].set(g)
+        s_new = z - z_ring[:, (st.count + 1) % 2]
+        y_new = g - g_ring[:, (st.count + 1) % 2]
         slot = st.count % m
         # The buffers only ever hold finite numbers (a pair that is not valid then adds
         # exactly 0 to every product below): an example whose z or g is not finite (a
@@ -139,7 +145,7 @@ def _method(memory: int) -> base.Method:
         reset = (overflow | restart)[..., None]
         valid = valid & ~reset
         inv = jnp.where(reset[..., None], jnp.eye(m, dtype=z.dtype), inv)
-        new = BroydenState(s=s, a=a, inv=inv, sg=s_g, valid=valid, z_prev=z, g_prev=g, count=st.count + 1)
+        new = BroydenState(s=s, a=a, inv=inv, sg=s_g, valid=valid, z_ring=z_ring, g_ring=g_ring, count=st.count + 1)
         return z + update, new
 
     return base.Method(init, step)
