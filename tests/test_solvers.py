@@ -159,6 +159,17 @@ def test_an_example_that_met_nan_leaves_the_others_alone(name, early_exit):
     np.testing.assert_allclose(both.abs_trace[:, ::2], alone.abs_trace, rtol=1e-5, atol=1e-7)
 
 
+def _solve_loop(name, causal):
+    """The one ``while`` equation in the jaxpr of a 5-step solve of a tanh cell (batch 3,
+    width 8; causal: 4 positions along axis 1)."""
+    a, _, _ = _affine_problem(jax.random.PRNGKey(2), 3, 8, 0.5)
+    solve = functools.partial(solvers.get(name), lambda z: jnp.tanh(z @ a + 0.5), max_steps=5,
+                              causal_axis=1 if causal else None)
+    jaxpr = jax.make_jaxpr(solve)(jnp.zeros((3, 4, 8) if causal else (3, 8))).jaxpr
+    (loop,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "while"]
+    return loop
+
+
 def _moved_carries(loop) -> list:
     """``(from, to)`` positions of a while loop's carry whose body passes the input at one
     position straight on to another (a move, which XLA's CPU copy insertion pays with a
@@ -177,12 +188,7 @@ def test_no_solver_moves_a_loop_carry_to_another_slot(name, causal):
     they are read, not in a ``z_prev`` slot that receives the loop's z every step (on XLA's
     CPU backend that move cost two to five copies of z-sized arrays a step, 2 MB each on
     the conv benchmark cell)."""
-    a, _, _ = _affine_problem(jax.random.PRNGKey(2), 3, 8, 0.5)
-    solve = functools.partial(solvers.get(name), lambda z: jnp.tanh(z @ a + 0.5), max_steps=5,
-                              causal_axis=1 if causal else None)
-    jaxpr = jax.make_jaxpr(solve)(jnp.zeros((3, 4, 8) if causal else (3, 8))).jaxpr
-    (loop,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "while"]
-    assert _moved_carries(loop) == []
+    assert _moved_carries(_solve_loop(name, causal)) == []
 
 
 def test_nonfinite_at_start():
@@ -495,13 +501,7 @@ def _primitives(jaxpr) -> set:
 def test_the_solver_loop_has_no_branch_inside(name, causal):
     """Inside the while loop there is no ``cond``: on a GPU a branch copies its predicate
     to the host and waits for it, every step; the loop's own predicate is the only one."""
-    a, _, _ = _affine_problem(jax.random.PRNGKey(2), 3, 8, 0.5)
-    solve = functools.partial(solvers.get(name), lambda z: jnp.tanh(z @ a + 0.5), max_steps=5,
-                              causal_axis=1 if causal else None)
-    jaxpr = jax.make_jaxpr(solve)(jnp.zeros((3, 4, 8) if causal else (3, 8))).jaxpr
-    loops = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "while"]
-    assert len(loops) == 1
-    assert "cond" not in _primitives(loops[0].params["body_jaxpr"].jaxpr)
+    assert "cond" not in _primitives(_solve_loop(name, causal).params["body_jaxpr"].jaxpr)
 
 
 def test_rel_mode_never_prefers_an_iterate_with_a_larger_absolute_residual_than_z0():
