@@ -431,7 +431,8 @@ def time_train_step(c, mode: str, setup, repeats: int) -> dict:
     batches = [jax.device_put(b, data) for b in batches]
     tx, lr = make_optimizer(c)
     state = step_lib.init_state(model, c, tx, sample, mesh)
-    step = step_lib.make_train_step(model, c, tx, lr, mesh, mode)
+    # JR on every step of a mode whose JR weight is > 0 (train_modes sets jr.prob 1 there).
+    step = step_lib.make_train_step(model, c, tx, lr, mesh, mode, jr=step_lib.jr_weight_enabled(c, mode))
     start = time.perf_counter()
     compiled = step.lower(state, *batches[0]).compile()
     compile_s = time.perf_counter() - start

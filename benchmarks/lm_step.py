@@ -63,7 +63,7 @@ def time_step(args, adaptive: bool, mode: str, jr_prob: float) -> dict:
     tx, lr = make_optimizer(c)
     sample = np.zeros((1, c.train.seq_len), np.int32)
     state = step_lib.init_state(model, c, tx, sample, mesh)
-    step = step_lib.make_train_step(model, c, tx, lr, mesh, mode)
+    step = step_lib.make_train_step(model, c, tx, lr, mesh, mode, jr=jr_prob > 0 and step_lib.jr_weight_enabled(c, mode))
     rng = np.random.default_rng(0)
     p = 1.0 / np.arange(1, args.vocab + 1)
     tokens = rng.choice(args.vocab, (args.repeats + 2, c.train.batch_size, c.train.seq_len + 1), p=p / p.sum())

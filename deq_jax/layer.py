@@ -55,6 +55,7 @@ def equilibrium(
     unroll: int | None = None,
     jr_keys: Array | None = None,
     jr_probes: int = 1,
+    jr_mode: str = "vjp",
     jr_if: Array | bool | None = None,
     compute_dtype: Any = None,
 ) -> tuple[PyTree, DEQStats]:
@@ -68,8 +69,18 @@ def equilibrium(
       jr_keys: None (no JR term), one PRNG key, or ``[B]`` typed keys (one per example:
         the probes then do not depend on how the batch is split across devices).
       jr_probes: Hutchinson probes per example.
+      jr_mode: ``"vjp"`` (``||eps^T J||^2``, reverse mode, the paper's; works for any
+        differentiable cell) or ``"jvp"`` (``||J eps||^2``, forward mode; the cell must
+        support ``jax.jvp``, so no ``custom_vjp`` inside it). With Gaussian probes both
+        estimates have the same distribution; which is cheaper depends on the cell
+        (``benchmarks/jr_cost.py``).
       jr_if: optional bool scalar (may be traced): compute the JR term only when true
-        (``jax.lax.cond``; the term is zeros otherwise), e.g. the paper's per-step coin.
+        (``jax.lax.cond``; the term is zeros otherwise). Its cost: on a GPU, every call
+        copies the predicate to the host and waits for it; on CPU, the term's convolutions
+        and their gradients run outside XLA's fast layout (its layout pass skips a cond's
+        branches: 2.3x the whole digits train step). In a training loop, flip the coin on
+        the host and compile one step with the term and one without, as
+        :mod:`deq_jax.train` does.
       compute_dtype: None, or a dtype (e.g. ``jnp.bfloat16``) to evaluate f in, everywhere
         (solve, unroll, JR term); params, z and the solver stay in their own dtypes
         (:mod:`deq_jax.mixed_precision`).
@@ -86,7 +97,7 @@ def equilibrium(
         z, result = deq.unrolled(f, params, x, z0, unroll), None
     jr = None
     if jr_keys is not None:
-        jr = jacobian_term(f, params, x, z, jr_keys, jr_probes, jr_if)
+        jr = jacobian_term(f, params, x, z, jr_keys, jr_probes, jr_if, mode=jr_mode)
     return z, DEQStats(result, jr)
 
 
@@ -98,14 +109,17 @@ def jacobian_term(
     keys: Array,
     num_probes: int = 1,
     when: Array | bool | None = None,
+    *,
+    mode: str = "vjp",
 ) -> Array:
     """``[B]`` Hutchinson ``||J_f(z)||_F^2 / d`` at the constant ``stop_gradient(z)``,
-    differentiable in ``params`` and ``x``; zeros where ``when`` is false (see
-    :func:`equilibrium`)."""
+    differentiable in ``params`` and ``x``, by ``mode`` ``"vjp"`` or ``"jvp"``; zeros where
+    ``when`` is false (see :func:`equilibrium`)."""
     z = jax.lax.stop_gradient(z)
 
     def estimate():
-        return jacobian.hutchinson_frobenius(lambda zz: f(params, x, zz), z, keys, num_probes=num_probes)
+        fz = lambda zz: f(params, x, zz)  # noqa: E731
+        return jacobian.hutchinson_frobenius(fz, z, keys, num_probes=num_probes, mode=mode)
 
     if when is None:
         return estimate()

@@ -57,6 +57,8 @@ class DEQ(nn.Module):
         :class:`~deq_jax.Phantom`.
       rng_streams: rng streams the cell may use (one key per call, fixed within a solve).
       jr_probes: Hutchinson probes per example of the JR term.
+      jr_mode: ``"vjp"`` or ``"jvp"``: how the JR term is estimated (see
+        :func:`deq_jax.equilibrium`).
       compute_dtype: None, or a dtype (e.g. ``jnp.bfloat16``) to evaluate the cell in;
         its parameters, z and the solver stay float32 (:mod:`deq_jax.mixed_precision`).
     """
@@ -66,6 +68,7 @@ class DEQ(nn.Module):
     backward: deq.SolverConfig | deq.Phantom = deq.DEFAULT_BACKWARD
     rng_streams: tuple[str, ...] = ("dropout",)
     jr_probes: int = 1
+    jr_mode: str = "vjp"
     compute_dtype: Any = None
 
     def __call__(
@@ -79,6 +82,7 @@ class DEQ(nn.Module):
         jr_keys: Array | None = None,
         jr_if: Array | bool | None = None,
         jr_probes: int | None = None,
+        jr_mode: str | None = None,
         forward: deq.SolverConfig | None = None,
         backward: deq.SolverConfig | deq.Phantom | None = None,
     ) -> tuple[PyTree, DEQStats]:
@@ -90,7 +94,7 @@ class DEQ(nn.Module):
           step_limit, probe: see :func:`deq_jax.fixed_point`.
           unroll, jr_keys, jr_if: see :func:`deq_jax.equilibrium` (``unroll=k``:
             pretraining through k cell applications; ``jr_keys``: request the JR term).
-          jr_probes, forward, backward: override the layer's attributes for this call
+          jr_probes, jr_mode, forward, backward: override the layer's attributes for this call
             (e.g. a larger step budget at evaluation).
 
         Returns:
@@ -113,6 +117,7 @@ class DEQ(nn.Module):
             unroll=unroll,
             jr_keys=jr_keys,
             jr_probes=jr_probes or self.jr_probes,
+            jr_mode=jr_mode or self.jr_mode,
             jr_if=jr_if,
         )
 

@@ -56,6 +56,8 @@ class DEQ(nnx.Module):
       backward: the backward :class:`~deq_jax.SolverConfig` (implicit) or
         :class:`~deq_jax.Phantom`.
       jr_probes: Hutchinson probes per example of the JR term.
+      jr_mode: ``"vjp"`` or ``"jvp"``: how the JR term is estimated (see
+        :func:`deq_jax.equilibrium`).
       compute_dtype: None, or a dtype (e.g. ``jnp.bfloat16``) to evaluate the cell in;
         its parameters, z and the solver stay float32 (:mod:`deq_jax.mixed_precision`).
     """
@@ -67,6 +69,7 @@ class DEQ(nnx.Module):
         forward: deq.SolverConfig = deq.DEFAULT_FORWARD,
         backward: deq.SolverConfig | deq.Phantom = deq.DEFAULT_BACKWARD,
         jr_probes: int = 1,
+        jr_mode: str = "vjp",
         compute_dtype: Any = None,
     ):
         check_compute_dtype(compute_dtype)
@@ -74,6 +77,7 @@ class DEQ(nnx.Module):
         self.forward = forward
         self.backward = backward
         self.jr_probes = jr_probes
+        self.jr_mode = jr_mode
         self.compute_dtype = compute_dtype
 
     def __call__(
@@ -87,6 +91,7 @@ class DEQ(nnx.Module):
         jr_keys: Array | None = None,
         jr_if: Array | bool | None = None,
         jr_probes: int | None = None,
+        jr_mode: str | None = None,
         forward: deq.SolverConfig | None = None,
         backward: deq.SolverConfig | deq.Phantom | None = None,
     ) -> tuple[PyTree, DEQStats]:
@@ -109,6 +114,7 @@ class DEQ(nnx.Module):
             unroll=unroll,
             jr_keys=jr_keys,
             jr_probes=jr_probes or self.jr_probes,
+            jr_mode=jr_mode or self.jr_mode,
             jr_if=jr_if,
         )
 

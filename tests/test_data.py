@@ -18,6 +18,39 @@ def test_digits_split_is_deterministic_and_stratified():
     assert 0.0 <= a.train_images.min() and a.train_images.max() <= 1.0
 
 
+def test_a_held_out_validation_split_is_disjoint_stratified_and_seeded():
+    ds = data.load_digits(seed=0)
+    train, held = data.hold_out(ds, 0.2, seed=0)
+    assert len(held.test_labels) == 288 and len(train.train_labels) == 1437 - 288
+    np.testing.assert_array_equal(train.test_labels, ds.test_labels)  # the test set is untouched
+    # Together they are the training set, each example once.
+    together = np.concatenate([train.train_images, held.test_images]).reshape(1437, -1)
+    assert len(np.unique(together, axis=0)) == len(np.unique(ds.train_images.reshape(1437, -1), axis=0))
+    np.testing.assert_array_equal(np.sort(np.concatenate([train.train_labels, held.test_labels])),
+                                  np.sort(ds.train_labels))
+    counts = np.bincount(held.test_labels, minlength=10)
+    assert counts.min() >= 27 and counts.max() <= 30  # stratified: 10 classes of ~144
+    again, other = data.hold_out(ds, 0.2, seed=0)[1], data.hold_out(ds, 0.2, seed=1)[1]
+    np.testing.assert_array_equal(again.test_images, held.test_images)
+    assert not np.array_equal(other.test_labels, held.test_labels)
+    assert sum(float(b[2].sum()) for b in data.eval_batches(held, 100)) == 288
+    with pytest.raises(ValueError, match="validation fraction"):
+        data.hold_out(ds, 1.0)
+
+
+def test_the_validation_split_is_evaluated_first_and_the_test_set_after():
+    from deq_jax.train import config as config_lib
+    from deq_jax.train.tasks import make_task
+
+    task = make_task(config_lib.resolve({"data": {"validation_fraction": 0.2}}))
+    assert list(task.eval_sets) == ["validation", "test"] and task.eval_split == "validation"
+    assert sum(float(b[2].sum()) for b in task.eval_sets["validation"]()) == 288
+    assert sum(float(b[2].sum()) for b in task.eval_sets["test"]()) == 360
+    assert list(make_task(config_lib.resolve({})).eval_sets) == ["test"]
+    with pytest.raises(ValueError, match="validation_fraction"):
+        config_lib.resolve({"data": {"name": "pydoc", "validation_fraction": 0.2}})
+
+
 def test_train_batches_are_pure_functions_of_seed_and_step():
     ds = data.load_digits()
     x1, y1 = data.train_batch(ds, 5, 32, seed=0)

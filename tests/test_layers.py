@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import deq_jax
@@ -123,18 +124,20 @@ class LayerGradientTest(chex.TestCase):
 # --- the JR term --------------------------------------------------------------------
 
 
-def test_jr_through_each_layer_equals_hutchinson_on_the_same_cell_and_probes():
+@pytest.mark.parametrize("mode", ["vjp", "jvp"])
+def test_jr_through_each_layer_equals_hutchinson_on_the_same_cell_and_probes(mode):
     x = inputs()
     keys = jax.random.split(jax.random.key(3), B)
 
     def hutchinson(f, p, z):
-        return deq_jax.hutchinson_frobenius(lambda zz: f(p, x, zz), jax.lax.stop_gradient(z), keys, num_probes=2)
+        return deq_jax.hutchinson_frobenius(lambda zz: f(p, x, zz), jax.lax.stop_gradient(z), keys, num_probes=2,
+                                            mode=mode)
 
     # Linen: the value and its gradient with respect to the cell's parameters.
     params = LinenModel().init(jax.random.key(0), x)["params"]
 
     def linen_jr(p):
-        z, stats = deq_jax.linen.DEQ(LinenCell(), forward=FORWARD, backward=BACKWARD, jr_probes=2).apply(
+        z, stats = deq_jax.linen.DEQ(LinenCell(), forward=FORWARD, backward=BACKWARD, jr_probes=2, jr_mode=mode).apply(
             {"params": {"cell": p}}, x, jnp.zeros((B, D)), jr_keys=keys
         )
         return jnp.mean(stats.jr), z
@@ -147,7 +150,7 @@ def test_jr_through_each_layer_equals_hutchinson_on_the_same_cell_and_probes():
     assert float(jnp.linalg.norm(d_jr["w"]["kernel"])) > 0
 
     # NNX: the same.
-    layer = deq_jax.nnx.DEQ(NNXCell(nnx.Rngs(0)), forward=FORWARD, backward=BACKWARD, jr_probes=2)
+    layer = deq_jax.nnx.DEQ(NNXCell(nnx.Rngs(0)), forward=FORWARD, backward=BACKWARD, jr_probes=2, jr_mode=mode)
     (jr, z), d_jr = nnx.value_and_grad(
         lambda m: (lambda z, s: (jnp.mean(s.jr), z))(*m(x, jnp.zeros((B, D)), jr_keys=keys)), has_aux=True
     )(layer)

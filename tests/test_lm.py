@@ -46,7 +46,7 @@ def test_pre_and_post_ln_both_train_a_step(pre_ln):
     tx, lr = make_optimizer(c)
     state = step_lib.init_state(task.model, c, tx, task.sample_input, mesh)
     before = jax.device_get(state.params)
-    train_step = step_lib.make_train_step(task.model, c, tx, lr, mesh, "deq")
+    train_step = step_lib.make_train_step(task.model, c, tx, lr, mesh, "deq", jr=True)
     inputs, targets = task.train_batch(0)
     losses = []
     for _ in range(3):  # the same batch: the loss must fall
@@ -191,7 +191,7 @@ for n in (1, 4):
     mesh = step_lib.make_mesh(jax.devices()[:n])
     tx, lr = make_optimizer(c)
     state = step_lib.init_state(task.model, c, tx, task.sample_input, mesh)
-    train_step = step_lib.make_train_step(task.model, c, tx, lr, mesh, "deq")
+    train_step = step_lib.make_train_step(task.model, c, tx, lr, mesh, "deq", jr=False)
     data = NamedSharding(mesh, P("data"))
     losses = []
     for s in range(3):  # consecutive windows: each row continues its own stream
@@ -231,7 +231,7 @@ def test_training_memory_is_the_previous_window_and_empties_when_the_stream_star
     tx, lr = make_optimizer(c)
     state = step_lib.init_state(task.model, c, tx, task.sample_input, mesh)
     assert not bool(state.memory.valid.any())
-    train_step = step_lib.make_train_step(task.model, c, tx, lr, mesh, "unrolled")
+    train_step = step_lib.make_train_step(task.model, c, tx, lr, mesh, "unrolled", jr=False)
     state, _ = train_step(state, *task.train_batch(0))
     # One 16-token window in a 24-slot memory: the last 16 slots are valid.
     np.testing.assert_array_equal(np.asarray(state.memory.valid[0]), np.arange(24) >= 8)

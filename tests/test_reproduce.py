@@ -37,6 +37,15 @@ def test_spread_separated_and_pm_on_known_numbers():
     line = runs.compare_line("accuracy", "JR", [0.97, 0.975, 0.968], "no JR", [0.90, 0.91, 0.92], "%")
     assert "97.1 ± 0.4% vs 91.0 ± 1.0%" in line and "+6.1 points" in line and "exceeds the spread" in line
     assert "within the spread" in runs.compare_line("x", "a", [1, 2, 3], "b", [2, 3, 4], ".1f")
+    # Paired: the same shift in every seed is separated although the spreads overlap.
+    assert runs.paired_differences([1, 2, 3], [1.5, 2.4, 3.6]) == pytest.approx([-0.5, -0.4, -0.6])
+    assert runs.paired_separated([1, 2, 3], [1.5, 2.4, 3.6]) and not runs.separated([1, 2, 3], [1.5, 2.4, 3.6])
+    assert not runs.paired_separated([1, 2, 3], [1.5, 1.6, 3.6])  # d = -0.5, 0.4, -0.6: mean -0.23, sd 0.57
+    assert not runs.paired_separated([1.0], [2.0])  # one pair: no spread
+    line = runs.compare_line("x", "a", [1, 2, 3], "b", [1.5, 2.4, 3.6], ".2f")
+    assert "unpaired: within the spread" in line and "paired: d = -0.50 ± 0.10, **separated**" in line
+    with pytest.raises(ValueError, match="same seeds"):
+        runs.paired_differences([1, 2], [1, 2, 3])
     assert runs.parse_seeds("0,1,2") == (0, 1, 2) and runs.parse_seeds(["3"]) == (3,)
     with pytest.raises(ValueError):
         runs.parse_seeds("1,1")
@@ -49,7 +58,7 @@ TINY_LM = {
               "eval_every": 4, "checkpoint_every": 2, "keep_checkpoints": 10},
     "forward": {"max_steps": 4, "random_lower": 0},
     "backward": {"max_steps": 4},
-    "jr": {"gamma": 1.0},
+    "jr": {"gamma": 1.0, "prob": 1.0},  # JR on both DEQ steps, whatever the coins
     "eval": {"batch_size": 64, "max_steps": 6, "budgets": "1,2,4", "jac_probes": 1, "spectral_iters": 5},
 }
 
@@ -87,10 +96,11 @@ def test_scripts_share_the_digits_runs():
         cond = conditioning.configs(size, 0.5, 1.0)
         bud = budgets.configs(size, (0.0, 1.0))
         conv = convergence.settings(size)
-        fast = speedup.configs(size)
         for name in ("gamma_0", "gamma_1"):
             assert cond[name] == bud[name] == conv[name]
-        assert fast["gamma_0"] == cond["gamma_0"]
+        # The speed-up runs hold out a validation split: other data, other runs, own names.
+        fast = speedup.configs(size)
+        assert fast["gamma_0_val_0.2"] == runs.merge(cond["gamma_0"], {"data": {"validation_fraction": 0.2}})
     small = runs.resolved(budgets.configs("small", (4.0,))["gamma_4"])
     quickstart = runs.resolved({})
     # The Quickstart config (JR γ = 4), apart from checkpoints kept and one evaluation at the end.
@@ -115,8 +125,17 @@ def test_scripts_default_runs_are_valid_configs(size):
         "gamma_4": ("JR γ = 4", 12),
         "gamma_0.5": ("JR γ = 0.5", 12), "staircase_0.5": ("JR staircase (γ0 = 0.5)", 12),
         "adaptive_0.5_target_0.03": ("JR adaptive (γ0 = 0.5)", 12),
-        "gamma_1_limit_6": ("JR γ = 1", 6), "gamma_0_limit_18": ("no reg.", 18),
+        **{name: (runs.label(resolve(o)), 6) for name, o in speedup.configs(size).items() if "limit_6" in name},
+        "gamma_0_val_0.2": ("no reg.", 12), "gamma_0_limit_18_val_0.2": ("no reg.", 18),
     }
+    jr_arms = {name: resolve(o) for name, o in speedup.configs(size).items() if "limit_6" in name}
+    # Per p in the paper's 0.05, 0.1, 0.35 and the Quickstart's 0.5: p·γ in 1, 2, 4; limits 6/8.
+    assert sorted((c.jr.prob, c.jr.gamma) for c in jr_arms.values()) == [
+        (0.05, 20.0), (0.05, 40.0), (0.05, 80.0), (0.1, 10.0), (0.1, 20.0), (0.1, 40.0),
+        (0.35, 2.86), (0.35, 5.71), (0.35, 11.4), (0.5, 2.0), (0.5, 4.0), (0.5, 8.0)]
+    assert {(c.forward.max_steps, c.backward.max_steps, c.data.validation_fraction) for c in jr_arms.values()} == {
+        (6, 8, 0.2)}
+    assert "gamma_4_limit_6_bwd_8_val_0.2" in jr_arms and "gamma_20_p_0.05_limit_6_bwd_8_val_0.2" in jr_arms
     stair = resolve(schedules.configs(size, 0.5, 3e-2)["staircase_0.5"])
     # The DEQ phase is five stairs long.
     assert (stair.train.num_steps - stair.train.pretrain_steps) // stair.jr.staircase_every == 5
@@ -326,39 +345,57 @@ def _variant(src, dst, config_changes: dict, summary_changes: dict):
     return dst
 
 
-def test_speedup_matches_quality_and_divides_times_seed_by_seed(tmp_path, lm_runs):
-    """Known qualities and phase times: the no-JR limit 5 is worse than JR beyond the
-    spread, limit 6 is not, so the speed-up is limit 6's DEQ time over JR's, per seed."""
+def test_speedup_chooses_gamma_on_validation_matches_quality_and_divides_times_seed_by_seed(tmp_path, lm_runs):
+    """Known qualities and phase times. Per p the γ with the better validation bpc is
+    chosen (test bpc plays no part); the no-JR limit 5 is worse than the chosen JR arm
+    beyond the spread, limit 6 is not, so the speed-up is limit 6's DEQ time over JR's,
+    per seed; a limit worse by the paired rule alone does not match either."""
     from experiments.reproduce import speedup
 
     folders = []
+
+    def variant(name, seed, run, config, valid, test, times):
+        folders.append(_variant(run, tmp_path / name / f"seed{seed}", config,
+                                {"valid_bpc": valid, "test_bpc": test, "train_time_s_by_mode": times}))
+
     for seed, run in enumerate(lm_runs):
-        folders.append(_variant(run, tmp_path / "jr" / f"seed{seed}", {},
-                                {"valid_bpc": [2.00, 2.02][seed],
-                                 "train_time_s_by_mode": {"unrolled": 5.0, "deq": [10.0, 12.0][seed]}}))
-        for limit, bpc, deq in ((5, [2.30, 2.32], [8.0, 9.0]), (6, [2.01, 2.05], [20.0, 30.0])):
-            folders.append(_variant(run, tmp_path / f"nojr{limit}" / f"seed{seed}",
-                                    {"jr": {"gamma": 0.0}, "forward": {"max_steps": limit}},
-                                    {"valid_bpc": bpc[seed],
-                                     "train_time_s_by_mode": {"unrolled": [5.0, 6.0][seed], "deq": deq[seed]}}))
+        # p = 1 (the fixture's): γ 1 (valid 2.00/2.02) beats γ 3 (2.10/2.12) on validation, though
+        # γ 3 has the better test bpc: the test set must not choose.
+        variant("jr1", seed, run, {}, [2.00, 2.02][seed], [2.5, 2.5][seed],
+                {"unrolled": 5.0, "deq": [10.0, 12.0][seed]})
+        variant("jr3", seed, run, {"jr": {"gamma": 3.0}}, [2.10, 2.12][seed], [1.0, 1.0][seed],
+                {"unrolled": 5.0, "deq": [1.0, 1.0][seed]})
+        for limit, bpc, deq in ((5, [2.30, 2.32], [8.0, 9.0]), (6, [2.01, 2.01], [20.0, 30.0])):
+            variant(f"nojr{limit}", seed, run, {"jr": {"gamma": 0.0}, "forward": {"max_steps": limit}}, bpc[seed],
+                    bpc[seed] + 0.1, {"unrolled": [5.0, 6.0][seed], "deq": deq[seed]})
     saved = speedup.run(str(tmp_path / "out"), folders)
-    assert saved["speedup"]["matched_limit"] == 6
-    by_limit = saved["speedup"]["by_limit"]
+    assert list(saved["chosen"]) == [1.0] and saved["chosen"][1.0].startswith("JR γ = 1, p = 1")
+    entry = saved["speedup"][1.0]
+    assert entry["matched_limit"] == 6 and entry["gamma"] == 1.0
+    by_limit = entry["by_limit"]
     assert by_limit[5]["reaches_jr_quality"] is False and by_limit[6]["reaches_jr_quality"] is True
     assert by_limit[6]["deq_s_ratio"] == [2.0, 2.5] and by_limit[5]["deq_s_ratio"] == [0.8, 0.75]
     assert by_limit[6]["pretrain_s_ratio"] == [1.0, 1.2] and by_limit[6]["total_s_ratio"] == [25 / 15, 36 / 17]
     text = (tmp_path / "out" / "results.md").read_text()
     # 2.25 ± 0.35: the ratio differs from 1 by more than its spread.
-    assert "speed-up at matched quality = 2.25 ± 0.35×" in text and "JR trains faster" in text
-    jr = next(r for r in saved["settings"] if r["regularized"])
+    assert "speed-up at matched quality **2.25 ± 0.35×**" in text and "JR trains faster" in text
+    assert "paired: d = " in text and "test bpc" in text
+    jr = next(r for r in saved["settings"] if r["name"] == saved["chosen"][1.0])
     assert jr["limit"] == 4 and jr["mean"]["deq_s"] == 11.0 and jr["sd"]["deq_s"] == pytest.approx(math.sqrt(2))
+    assert jr["mean"]["reported"] == 2.5 and jr["mean"]["final"] == pytest.approx(2.01)
     assert jr["mean"]["total_s"] == 16.0 and np.isfinite(jr["mean"]["train_fwd_nfe"])
     assert (tmp_path / "out" / "time.png").stat().st_size > 10_000
 
     # No limit reaching the JR quality: no matched speed-up is claimed.
     only5 = [f for f in folders if "nojr6" not in str(f)]
     saved = speedup.run(str(tmp_path / "out5"), only5)
-    assert saved["speedup"]["matched_limit"] is None and "no unregularized limit" in saved["speedup"]["verdict"]
+    assert saved["speedup"][1.0]["matched_limit"] is None and "no no-JR limit" in saved["speedup"][1.0]["verdict"]
+
+    # Worse in every seed by about the same amount (paired rule) though within the unpaired spread.
+    jr_a = {"metric": "accuracy", "per_seed": [{"seed": k, "final": v} for k, v in enumerate([0.90, 0.95, 0.99])]}
+    plain = {"metric": "accuracy", "per_seed": [{"seed": k, "final": v} for k, v in enumerate([0.89, 0.94, 0.98])]}
+    assert not runs.separated([0.89, 0.94, 0.98], [0.90, 0.95, 0.99]) and speedup.worse(plain, jr_a)
+    assert speedup.parse_gammas("0.5:2,4;0.1:20") == {0.5: (2.0, 4.0), 0.1: (20.0,)}
 
 
 def test_train_runs_reuses_finished_runs_and_rejects_another_config(tmp_path, lm_run, monkeypatch):

@@ -11,7 +11,7 @@ batches the uninterrupted run would have seen.
 from deq_jax.data.cifar10 import load_cifar10
 from deq_jax.data.digits import load_digits
 from deq_jax.data.imagenet import StreamingImages, load_imagenet
-from deq_jax.data.pipeline import Dataset, eval_batches, load, train_batch
+from deq_jax.data.pipeline import Dataset, eval_batches, hold_out, load, train_batch
 from deq_jax.data.text import (
     TextDataset,
     eval_windows,
@@ -31,6 +31,7 @@ __all__ = [
     "StreamingImages",
     "TextDataset",
     "eval_batches",
+    "hold_out",
     "eval_windows",
     "frequency_vocab",
     "load",

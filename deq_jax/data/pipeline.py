@@ -123,6 +123,29 @@ def eval_batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[np.ndarray
         yield normalize(dataset, dataset.test_images[idx]), dataset.test_labels[idx], weights
 
 
+def hold_out(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """``(train, validation)``: ``fraction`` of the training set held out, stratified by class.
+
+    ``train`` is ``dataset`` with the rest of its training examples (its test set
+    unchanged); ``validation`` holds the held-out examples in its test fields, so that
+    :func:`eval_batches` of it visits them. The split depends only on ``seed``; both keep
+    ``dataset``'s normalization (from the whole training set). For choosing
+    hyperparameters without looking at the test set.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"the validation fraction must be in (0, 1), got {fraction}")
+    index = np.arange(len(dataset.train_labels))
+    keep, held = train_test_split(index, test_size=fraction, random_state=seed, stratify=dataset.train_labels)
+    keep, held = np.sort(keep), np.sort(held)
+    train = dataclasses.replace(dataset, train_images=dataset.train_images[keep],
+                                train_labels=dataset.train_labels[keep])
+    validation = dataclasses.replace(dataset, test_images=dataset.train_images[held],
+                                     test_labels=dataset.train_labels[held])
+    return train, validation
+
+
 def load(name: str, *, seed: int = 0, data_dir: str | None = None, image_size: int | None = None):
     """Loads ``"digits"`` (embedded, no download), ``"cifar10"`` (prepared with TFDS, in
     memory) or ``"imagenet2012"`` (prepared with TFDS, streamed).

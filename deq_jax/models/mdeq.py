@@ -388,7 +388,7 @@ class MDEQ(nn.Module):
 
         ``dropout_keys``: see :meth:`inject`. ``layer_args`` go to the
         :class:`deq_jax.linen.DEQ` layer: ``unroll``, ``step_limit``, ``probe``, ``jr_keys``,
-        ``jr_if``, ``jr_probes``, ``forward``, ``backward`` (``model.init(key, images,
+        ``jr_if``, ``jr_probes``, ``jr_mode``, ``forward``, ``backward`` (``model.init(key, images,
         unroll=1)`` initializes without a solve).
         """
         x = self.inject(images, dropout_keys)

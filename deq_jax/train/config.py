@@ -11,7 +11,7 @@ import difflib
 
 import ml_collections
 
-from deq_jax import solvers
+from deq_jax import jacobian, solvers
 from deq_jax.mixed_precision import COMPUTE_DTYPES
 from deq_jax.solvers.base import MATMUL_PRECISIONS
 from deq_jax.data.pipeline import IMAGE_DATA
@@ -21,6 +21,7 @@ SCHEDULES = ("constant", "staircase", "adaptive")
 RANDOM_LOWER_RULES = ("every_step", "jr_steps")
 BACKWARD_MODES = ("implicit", "phantom")
 OPTIMIZERS = ("adam", "sgd")
+JR_MODES = jacobian.MODES
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -36,6 +37,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.data_dir = ""  # TFDS data_dir ("" = ~/tensorflow_datasets); the folder of the WikiText-103 files
     c.data.image_size = 0  # imagenet2012: side of the square crops (0 = 224); other image sets have fixed sizes
     c.data.augment = True  # images: training crop/flip (CIFAR-10: pad-4 crop + flip; ImageNet: resized crop + flip)
+    # digits, cifar10: this fraction of the training set held out (stratified, from the seed)
+    # as a "validation" split, evaluated first (the training-time evaluation rows and the
+    # summary's main metric), the test set as a final split: for choosing hyperparameters
+    # without looking at the test set. 0: no validation split.
+    c.data.validation_fraction = 0.0
 
     c.model = ml_collections.ConfigDict()
     c.model.dropout = 0.0  # variational dropout inside the cell (mask fixed across solver steps)
@@ -101,6 +107,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.jr.pretrain_gamma = 0.0  # JR weight while pretraining (unrolled); the official code's default 0
     c.jr.stop_step = -1  # JR is off from this global step on (-1: never stops)
     c.jr.num_probes = 1
+    # How the Hutchinson estimate is formed: "jvp" (||J eps||^2, forward mode) or "vjp"
+    # (||eps^T J||^2, the paper's). With Gaussian probes both have the same distribution;
+    # "jvp" is cheaper for the MDEQ and DEQ-Transformer cells and keeps every convolution
+    # of the term's gradient in XLA CPU's fast layout (benchmarks/jr_cost.py); "vjp" works
+    # for cells without forward-mode derivatives (a custom_vjp inside the cell).
+    c.jr.mode = "jvp"
     c.jr.prob = 0.5  # probability of applying JR at a step
     c.jr.schedule = "constant"  # constant | staircase | adaptive
     c.jr.staircase_delta = 0.1  # staircase: +delta every staircase_every steps after pretraining
@@ -187,6 +199,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         f"data.image_size applies to imagenet2012 only and must be > 0 there (0: 224), got {c.data.image_size}",
     )
     _require(isinstance(c.data.augment, bool), f"data.augment must be True or False, got {c.data.augment!r}")
+    _require(
+        c.data.validation_fraction == 0 or (0 < c.data.validation_fraction < 1 and c.data.name in ("digits", "cifar10")),
+        f"data.validation_fraction must be 0, or in (0, 1) for digits and cifar10 (imagenet2012 and the text sets "
+        f"have their own validation splits), got {c.data.validation_fraction}",
+    )
     m = c.model
     _require(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
     if c.data.name in TEXT_DATA:
@@ -243,6 +260,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(j.pretrain_gamma >= 0, f"jr.pretrain_gamma must be >= 0, got {j.pretrain_gamma}")
     _require(j.stop_step == -1 or j.stop_step >= 0, f"jr.stop_step must be -1 (never) or a step >= 0, got {j.stop_step}")
     _require(j.num_probes >= 1, "jr.num_probes must be >= 1")
+    _require(j.mode in JR_MODES, f"jr.mode must be one of {JR_MODES}, got {j.mode!r}")
     _require(0 <= j.prob <= 1, f"jr.prob must be in [0, 1], got {j.prob}")
     _require(j.schedule in SCHEDULES, f"jr.schedule must be one of {SCHEDULES}, got {j.schedule!r}")
     _require(j.staircase_every >= 1, "jr.staircase_every must be >= 1")

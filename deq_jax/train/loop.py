@@ -249,9 +249,6 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
         done = [r for r in read(writer.path) if r["kind"] == "train"] if writer.path.exists() else []
         train_time = done[-1]["train_time_s"] if done else 0.0
 
-    steps = {
-        mode: step_lib.make_train_step(model, c, tx, lr, mesh, mode) for mode in ("unrolled", "deq")
-    }
     eval_fns = {
         "jac": step_lib.make_eval_step(model, c, mesh, with_jacobian=True),
         "plain": step_lib.make_eval_step(model, c, mesh, with_jacobian=False),
@@ -265,6 +262,8 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
         dynamic_ncols=True,
     )
     history, tick, data_s = [], time.perf_counter(), 0.0
+    # One compiled step per (mode, JR or not), made when first needed: the JR coin is
+    # flipped on the host (step_lib.jr_coin), so a step without JR pays nothing for it.
     compiled, compile_s, step_mb = {}, {}, {}
     streak = (0, 0)  # consecutive skipped steps, and the first of them
     for s in range(start, c.train.num_steps):
@@ -274,15 +273,18 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
             state = state.replace(memory=_global_tree(objective.initial_memory(model, c.train.batch_size),
                                                       data_sharding))
         mode = "unrolled" if s < c.train.pretrain_steps else "deq"
+        kind = (mode, step_lib.jr_coin(c, s, mode))
         inputs, targets = _global_array(inputs, data_sharding), _global_array(targets, data_sharding)
         data_s += time.perf_counter() - t_data
-        if mode not in compiled:  # compiled ahead of time, so that training time excludes it
+        if kind not in compiled:  # compiled ahead of time, so that training time excludes it
             t0 = time.perf_counter()
-            compiled[mode] = steps[mode].lower(state, inputs, targets).compile()
-            compile_s[mode] = time.perf_counter() - t0
-            step_mb[mode] = _executable_mb(compiled[mode])
-            tick += compile_s[mode]
-        state, metrics = compiled[mode](state, inputs, targets)
+            step_fn = step_lib.make_train_step(model, c, tx, lr, mesh, mode, jr=kind[1])
+            compiled[kind] = step_fn.lower(state, inputs, targets).compile()
+            name = mode + ("+jr" if kind[1] else "")
+            compile_s[name] = time.perf_counter() - t0
+            step_mb[kind] = _executable_mb(compiled[kind])
+            tick += compile_s[name]
+        state, metrics = compiled[kind](state, inputs, targets)
         history.append(metrics)
         bar.update(1)
         done_steps = s + 1
@@ -300,7 +302,7 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
                 "data_time": data_s / len(history),
                 "examples_per_s": len(history) * c.train.batch_size / elapsed,
                 "train_time_s": train_time,
-                "step_memory_mb": step_mb[mode],
+                "step_memory_mb": max(mb for k, mb in step_mb.items() if k[0] == mode),
                 "device_peak_mb": _device_peak_mb(),
             }
             if lead:

@@ -94,14 +94,14 @@ def forward(
     probe: deq.BackwardStats | None = None,
     dropout_keys: Array | None = None,
     jr_keys: Array | None = None,
-    jr_if: Array | bool | None = None,
     jr_probes: int = 1,
+    jr_mode: str = "vjp",
     memory: Any = None,
     targets: Array | None = None,
 ) -> Forward:
     """Inputs -> logits through the equilibrium (``mode="deq"``) or k unrolled cells
-    (``"unrolled"``), with the ``[B]`` JR term when ``jr_keys`` are given (see
-    :func:`deq_jax.equilibrium`); ``memory``: the segment memory of a model with one;
+    (``"unrolled"``), with the ``[B]`` JR term when ``jr_keys`` are given (``jr_probes``
+    probes per example, estimated by ``jr_mode``; see :func:`deq_jax.equilibrium`); ``memory``: the segment memory of a model with one;
     ``targets``: also return each target's negative log-likelihood (``nll``; a model with
     adaptive softmax then forms no full distribution and ``logits`` is None)."""
     if mode not in ("deq", "unrolled"):
@@ -120,8 +120,8 @@ def forward(
         step_limit=step_limit,
         probe=probe,
         jr_keys=jr_keys,
-        jr_if=jr_if,
         jr_probes=jr_probes,
+        jr_mode=jr_mode,
     )
     nll = None
     if targets is not None:

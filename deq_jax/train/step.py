@@ -9,6 +9,15 @@ the optimizer update runs replicated.
 All randomness comes from ``(seed, step)``: whether JR applies, the lowered forward
 step limit, and one key per example (dropout masks, JR probes). Per-example keys make a
 step's result independent of the number of devices.
+
+Whether a step applies JR (the paper's per-step coin, probability ``jr.prob``) is decided
+on the host (:func:`jr_coin`), and a step with the JR term and one without it are two
+compiled functions (``make_train_step(..., jr=True/False)``): nothing in a compiled step
+decides whether work happens. A ``lax.cond`` on a traced coin would cost a
+device-to-host copy of its predicate every step on a GPU and, on CPU, would put the
+JR term's convolutions (and their gradients') outside XLA's fast layout (the CPU backend
+canonicalizes convolution layouts in the entry computation only, not in a cond's
+branches): 2.3x the step time of the digits config.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import functools
 from typing import Any, Callable
 
 import flax
+import numpy as np
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -65,27 +75,43 @@ def check_batch(batch_size: int, mesh: Mesh, what: str = "train.batch_size") -> 
         )
 
 
-def step_randomness(seed: int, step: Array, batch: int, c, jr_enabled: bool = True):
-    """``(apply_jr, step_limit, example_keys)`` of global step ``step`` under config ``c``.
+_JR_COIN_STREAM = 0x4A52  # numpy seed-sequence word of the JR coin (apart from the seed and step)
 
-    ``apply_jr``: the step's coin (probability ``jr.prob``); false when ``jr_enabled`` is
-    (the mode's JR weight is 0) and from ``jr.stop_step`` on. ``step_limit``: the forward
-    limit of a DEQ step, ``forward.max_steps`` changed by the rule
-    ``forward.random_lower_rule``: ``"every_step"`` (DEQ-Sequence) lowers it by
+
+def jr_coin(c, step: int, mode: str) -> bool:
+    """Whether global step ``step`` of ``mode`` applies JR (a host bool, no device work).
+
+    False when the mode's JR weight is 0 (:func:`jr_weight_enabled`) and from
+    ``jr.stop_step`` on; otherwise a coin with probability ``jr.prob``, drawn from
+    ``(seed, step)`` alone, so a resumed run draws the same coins as an uninterrupted one.
+    """
+    if not jr_weight_enabled(c, mode):
+        return False
+    if c.jr.stop_step >= 0 and step >= c.jr.stop_step:
+        return False
+    entropy = [int(c.seed) % 2**63, int(step), _JR_COIN_STREAM]
+    return bool(np.random.default_rng(entropy).random() < c.jr.prob)
+
+
+def step_randomness(seed: int, step: Array, batch: int, c, apply_jr: bool = False):
+    """``(step_limit, example_keys)`` of global step ``step`` under config ``c``.
+
+    ``apply_jr``: whether the step applies JR (static, from :func:`jr_coin`).
+    ``step_limit``: the forward limit of a DEQ step, ``forward.max_steps`` changed by the
+    rule ``forward.random_lower_rule``: ``"every_step"`` (DEQ-Sequence) lowers it by
     U{0..random_lower} on every step; ``"jr_steps"`` (MDEQ-Vision) changes it by
     U{-random_lower..+1} on steps that apply JR only. ``example_keys``: ``[batch]`` keys.
     """
     key = jax.random.fold_in(jax.random.key(seed), step)
-    apply_jr = jax.random.bernoulli(jax.random.fold_in(key, 0), c.jr.prob) & jr_enabled
-    if c.jr.stop_step >= 0:
-        apply_jr = apply_jr & (step < c.jr.stop_step)
     change_key, r = jax.random.fold_in(key, 1), c.forward.random_lower
     if c.forward.random_lower_rule == "every_step":
         change = -jax.random.randint(change_key, (), 0, r + 1)
+    elif apply_jr and r > 0:
+        change = jax.random.randint(change_key, (), -r, 2)
     else:
-        change = jnp.where(apply_jr & (r > 0), jax.random.randint(change_key, (), -r, 2), 0)
+        change = jnp.int32(0)
     example_keys = jax.random.split(jax.random.fold_in(key, 2), batch)
-    return apply_jr, (c.forward.max_steps + change).astype(jnp.int32), example_keys
+    return (c.forward.max_steps + change).astype(jnp.int32), example_keys
 
 
 def jr_weight_enabled(c, mode: str) -> bool:
@@ -115,10 +141,14 @@ def all_finite(tree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: Callable, mesh: Mesh, mode: str):
+def make_train_step(
+    model: nn.Module, c, tx: optax.GradientTransformation, lr: Callable, mesh: Mesh, mode: str, *, jr: bool
+):
     """The jitted ``train_step(state, inputs, targets) -> (state, metrics)`` of one mode.
 
-    ``mode``: ``"deq"`` or ``"unrolled"`` (pretraining). ``inputs``/``targets`` are the
+    ``mode``: ``"deq"`` or ``"unrolled"`` (pretraining). ``jr``: whether the step adds the
+    JR term (the training loop compiles both and picks one per step with :func:`jr_coin`);
+    ``ValueError`` if ``jr`` but the mode's JR weight is 0. ``inputs``/``targets`` are the
     global batch (images ``[B, H, W, C]`` and labels ``[B]``, or tokens ``[B, T]`` and
     next tokens ``[B, T]``), sharded (or shardable) along ``data``. ``metrics`` is a dict
     of float32 scalars: loss (task, mean over targets), accuracy, jr (NaN when not
@@ -134,15 +164,17 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
     setup = objective.solvers_from_config(c)
     schedule = schedules.from_config(c)
     implicit = isinstance(setup.backward, deq.SolverConfig)
-    gamma_enabled = jr_weight_enabled(c, mode)
+    if jr and not jr_weight_enabled(c, mode):
+        raise ValueError(f"a {mode!r} train step with jr=True, but the config gives JR no weight in this mode "
+                         "(jr.gamma / jr.pretrain_gamma is 0)")
     nan = jnp.float32(jnp.nan)
 
-    def local(params, gamma, apply_jr, step_limit, inputs, targets, keys, memory):
+    def local(params, gamma, step_limit, inputs, targets, keys, memory):
         batch = inputs.shape[0]
         probe = deq.BackwardStats.zeros(batch) if (mode == "deq" and implicit) else None
 
         def loss_fn(params, probe):
-            jr_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys) if gamma_enabled else None
+            jr_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys) if jr else None
             out = objective.forward(
                 model,
                 params,
@@ -155,17 +187,17 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
                 probe=probe,
                 dropout_keys=keys,
                 jr_keys=jr_keys,
-                jr_if=apply_jr,
                 jr_probes=c.jr.num_probes,
+                jr_mode=c.jr.mode,
                 memory=memory,
                 targets=targets,
             )
             task = jnp.mean(out.nll)
-            jr = jnp.mean(out.jr) if gamma_enabled else jnp.float32(0.0)
+            jr_term = jnp.mean(out.jr) if jr else jnp.float32(0.0)
             # The local mean: gradients are averaged over the mesh below (equal shards).
-            return task + gamma * jr, (task, jr, out)
+            return task + gamma * jr_term, (task, jr_term, out)
 
-        (_, (task, jr, out)), (grads, probe_grad) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+        (_, (task, jr_term, out)), (grads, probe_grad) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
             params, probe
         )
         grads = jax.lax.pmean(grads, DATA)
@@ -173,7 +205,7 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
         metrics = {
             "loss": _mean(task),
             "accuracy": _mean(accuracy),
-            "jr": jnp.where(apply_jr, _mean(jr), nan),
+            "jr": _mean(jr_term) if jr else nan,
         }
         if out.result is not None:
             r = out.result
@@ -206,20 +238,20 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
     sharded_local = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(P(), P(), P(), P(), P(DATA), P(DATA), P(DATA), P(DATA)),
+        in_specs=(P(), P(), P(), P(DATA), P(DATA), P(DATA), P(DATA)),
         out_specs=(P(), P(), P(DATA)),
         check_vma=False,
     )
 
     def train_step(state: TrainState, inputs: Array, targets: Array):
-        apply_jr, step_limit, keys = step_randomness(c.seed, state.step, inputs.shape[0], c, gamma_enabled)
+        step_limit, keys = step_randomness(c.seed, state.step, inputs.shape[0], c, jr)
         if mode != "deq":
             step_limit = jnp.int32(c.forward.max_steps)
             gamma = jnp.float32(c.jr.pretrain_gamma)
         else:
             gamma = state.gamma.gamma
         grads, metrics, memory = sharded_local(
-            state.params, gamma, apply_jr, step_limit, inputs, targets, keys, state.memory
+            state.params, gamma, step_limit, inputs, targets, keys, state.memory
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -235,7 +267,7 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
         # (the solver returns z0 for that example), so the gradient is checked too.
         finite = (
             jnp.isfinite(metrics["loss"])
-            & (~apply_jr | jnp.isfinite(metrics["jr"]))
+            & (jnp.isfinite(metrics["jr"]) if jr else True)
             & all_finite(grads)
         )
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
@@ -246,7 +278,7 @@ def make_train_step(model: nn.Module, c, tx: optax.GradientTransformation, lr: C
             "skipped": 1.0 - finite.astype(jnp.float32),
             "gamma": gamma,
             "lr": jnp.asarray(lr(state.step), jnp.float32),
-            "jr_applied": apply_jr.astype(jnp.float32),
+            "jr_applied": jnp.float32(jr),
             "step_limit": step_limit.astype(jnp.float32),
             "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
         }
@@ -294,7 +326,7 @@ def make_eval_step(model: nn.Module, c, mesh: Mesh, with_jacobian: bool):
             keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(c.seed + 1), i))(index)
         out = objective.forward(
             model, params, inputs, mode="deq", config=setup.eval_forward, step_limit=step_limit,
-            jr_keys=keys, jr_probes=c.eval.jac_probes, memory=memory, targets=targets,
+            jr_keys=keys, jr_probes=c.eval.jac_probes, jr_mode=c.jr.mode, memory=memory, targets=targets,
         )
         r = out.result
         example = (weights.reshape(weights.shape[0], -1).max(axis=1) > 0).astype(jnp.float32)

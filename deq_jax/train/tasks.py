@@ -97,8 +97,12 @@ def make_task(c) -> Task:
         if not c.data.augment:
             changes = {"augment": False} if name == "imagenet2012" else {"crop_padding": 0, "flip": False}
             ds = dataclasses.replace(ds, **changes)
-        ds.steps_per_epoch(c.train.batch_size)  # fails early if the batch is too large
         split = "validation" if name == "imagenet2012" else "test"  # ImageNet's test labels are not public
+        eval_sets = {split: lambda: ds.eval_batches(c.eval.batch_size)}
+        if c.data.validation_fraction:  # held out of the training set: evaluated first, the test set after
+            ds, held = pipeline.hold_out(ds, c.data.validation_fraction, seed=c.seed)
+            eval_sets = {"validation": lambda: held.eval_batches(c.eval.batch_size)} | eval_sets
+        ds.steps_per_epoch(c.train.batch_size)  # fails early if the batch is too large
         return Task(
             name=name,
             data=ds,
@@ -106,7 +110,7 @@ def make_task(c) -> Task:
                        compute_dtype=cell_compute_dtype(c)),
             sample_input=np.zeros((1,) + ds.image_shape, np.float32),
             train_batch=lambda step: ds.train_batch(step, c.train.batch_size, c.seed),
-            eval_sets={split: lambda: ds.eval_batches(c.eval.batch_size)},
+            eval_sets=eval_sets,
         )
     ds = text.load_text(name, data_dir)
     m, seq_len = c.model, c.train.seq_len

@@ -43,9 +43,11 @@ DIGITS_LENGTH = {
 DIGITS_LIMIT = 12  # the Quickstart forward step limit
 
 RULE = (
-    "Rule: a difference between two settings counts (is *separated*) only when "
-    "|mean_a − mean_b| > sd_a + sd_b, with sd the sample standard deviation over seeds; "
-    "with a single seed nothing is separated."
+    "Rules: a difference between two settings counts (is *separated*) only when "
+    "|mean_a − mean_b| > sd_a + sd_b, with sd the sample standard deviation over seeds "
+    "(unpaired); with the same seeds in both (the same data split, initialization and "
+    "batches), the per-seed differences d_k = a_k − b_k also give a paired verdict: "
+    "separated when |mean d| > sd d. With a single seed nothing is separated."
 )
 
 
@@ -75,33 +77,48 @@ def digits_runs_dir(size: str = "small", steps: int | None = None) -> str:
 
 
 def digits(size: str = "small", *, gamma: float = 1.0, weight_decay: float = 0.0, limit: int = DIGITS_LIMIT,
-           jr: dict | None = None, steps: int | None = None) -> tuple[str, dict]:
+           jr: dict | None = None, steps: int | None = None, bwd_limit: int = DIGITS_LIMIT,
+           validation: float = 0.0) -> tuple[str, dict]:
     """One setting of the shared digits registry: ``(folder name, config overrides)``.
 
-    ``jr``: further ``jr`` keys (a schedule); ``schedule`` "staircase" or "adaptive" names
-    the folder after it (the adaptive one also after its ``target_residual``).
+    ``jr``: further ``jr`` keys (a schedule, ``prob``); ``schedule`` "staircase" or
+    "adaptive" names the folder after it (the adaptive one also after its
+    ``target_residual``), a ``prob`` other than the Quickstart's 0.5 adds ``_p_<prob>``.
+    ``limit`` / ``bwd_limit``: the forward / backward step limits; ``validation``: the
+    fraction of the training set held out as a validation split (``data.validation_fraction``).
     """
+    from deq_jax.train.config import default_config
+
+    defaults = default_config()
     jr = dict(jr or {})
     schedule = jr.get("schedule", "constant")
     if schedule == "constant":
         name = f"gamma_{gamma:g}"
     elif schedule == "adaptive":
-        from deq_jax.train.config import default_config
-
-        name = f"adaptive_{gamma:g}_target_{jr.get('target_residual', default_config().jr.target_residual):g}"
+        name = f"adaptive_{gamma:g}_target_{jr.get('target_residual', defaults.jr.target_residual):g}"
     else:
         name = f"{schedule}_{gamma:g}"
+    if jr.get("prob", defaults.jr.prob) != defaults.jr.prob:
+        name += f"_p_{jr['prob']:g}"
     if jr.get("pretrain_gamma", 0.0):
         name += f"_pre_{jr['pretrain_gamma']:g}"
     if weight_decay:
         name += f"_wd_{weight_decay:g}"
     if limit != DIGITS_LIMIT:
         name += f"_limit_{limit}"
+    if bwd_limit != DIGITS_LIMIT:
+        name += f"_bwd_{bwd_limit}"
+    if validation:
+        name += f"_val_{validation:g}"
     config = {"train": digits_length(size, steps), "eval": {"budgets": "all"}, "jr": {"gamma": float(gamma), **jr}}
     if weight_decay:
         config["optim"] = {"weight_decay": float(weight_decay)}
     if limit != DIGITS_LIMIT:
         config["forward"] = {"max_steps": int(limit)}
+    if bwd_limit != DIGITS_LIMIT:
+        config["backward"] = {"max_steps": int(bwd_limit)}
+    if validation:
+        config["data"] = {"validation_fraction": float(validation)}
     return name, config
 
 
@@ -233,6 +250,23 @@ def separated(a, b) -> bool:
     return abs(ma - mb) > sa + sb
 
 
+def paired_differences(a, b) -> list[float]:
+    """Per-seed differences ``a_k - b_k`` of two settings' values listed seed by seed (the
+    same seeds in the same order; NaN pairs dropped)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values need the same seeds, got {len(a)} and {len(b)} values")
+    pairs = [(float(x), float(y)) for x, y in zip(a, b) if math.isfinite(float(x)) and math.isfinite(float(y))]
+    return [x - y for x, y in pairs]
+
+
+def paired_separated(a, b) -> bool:
+    """True when the per-seed differences ``d = a - b`` (:func:`paired_differences`) are
+    away from 0 by more than their sample standard deviation: |mean d| > sd d. False
+    with fewer than two pairs."""
+    mean, sd = spread(paired_differences(a, b))
+    return math.isfinite(sd) and abs(mean) > sd
+
+
 def _format(value: float, fmt: str) -> str:
     if fmt == "%":
         return f"{100 * value:.1f}"
@@ -252,18 +286,22 @@ def pm(values, fmt: str = ".3g") -> str:
     return f"{_format(mean, fmt)} ± {_format(sd, fmt)}{unit}"
 
 
-def compare_line(what: str, name_a: str, a, name_b: str, b, fmt: str = ".3g") -> str:
+def compare_line(what: str, name_a: str, a, name_b: str, b, fmt: str = ".3g", paired: bool = True) -> str:
     """One results.md line: ``what`` of ``name_a`` vs ``name_b``, both as mean ± sd, and
-    whether the difference exceeds the spread (:func:`separated`)."""
+    whether the difference exceeds the spread (:func:`separated`); with ``paired`` (the
+    values listed seed by seed, the same seeds in both) also the per-seed differences and
+    the paired verdict (:func:`paired_separated`)."""
     ma, mb = spread(a)[0], spread(b)[0]
     diff = ma - mb
     shown = f"{100 * diff:+.1f} points" if fmt == "%" else f"{diff:+{fmt}}"
     if not math.isfinite(spread(a)[1]) or not math.isfinite(spread(b)[1]):
         verdict = "spread unknown (fewer than two seeds)"
-    elif separated(a, b):
-        verdict = "**exceeds the spread**"
     else:
-        verdict = "within the spread"
+        verdict = "unpaired: " + ("**exceeds the spread**" if separated(a, b) else "within the spread")
+        if paired and len(a) == len(b):
+            d = paired_differences(a, b)
+            shown_d = pm([100 * x for x in d], ".1f") + " points" if fmt == "%" else pm(d, fmt)
+            verdict += f"; paired: d = {shown_d}, " + ("**separated**" if paired_separated(a, b) else "not separated")
     return f"- {what}, {name_a} vs {name_b}: {pm(a, fmt)} vs {pm(b, fmt)} (difference {shown}): {verdict}."
 
 
