@@ -22,7 +22,8 @@ a state two applications from zero, as jitted functions of ``(params, x, z)``:
 DEQ-Transformer, no convolutions) with the JR term on every step (``jr.mode`` jvp, the
 default, and vjp) against the step without it, at equal solver work: ``forward.early_exit`` and ``backward.early_exit`` False and
 ``forward.random_lower`` 0, so both solves run exactly their limit (``fwd_nfe`` and
-``bwd_nfe`` are printed). The two compiled steps (``make_train_step(..., jr=True/False)``,
+``bwd_nfe`` are printed). A last row runs one solver step each way: the part of a step
+that does not shrink with the solver limits (injection, head, loss, optimizer). The two compiled steps (``make_train_step(..., jr=True/False)``,
 what the training loop runs) are timed in interleaved rounds over the same batches.
 
 Times: minimum over interleaved rounds (the machine's noise only adds); ratios come from
@@ -117,7 +118,8 @@ def cell_row(name: str, repeats: int) -> list:
             f"{eq[4]:.2f}", convs]
 
 
-def step_config(name: str, jr_mode: str = "jvp"):
+def step_config(name: str, jr_mode: str = "jvp", limit: int | None = None):
+    """The config's solves at exactly their limit (``limit`` both ways, or the config's)."""
     from deq_jax.configs import digits, lm_pydoc
     from deq_jax.train import config as config_lib
 
@@ -125,10 +127,15 @@ def step_config(name: str, jr_mode: str = "jvp"):
     c.forward.early_exit = c.backward.early_exit = False
     c.forward.random_lower = 0
     c.jr.mode = jr_mode
+    if limit is not None:
+        c.forward.max_steps = c.backward.max_steps = limit
     return config_lib.resolve(c)
 
 
-STEPS = (("no JR", False, "jvp"), ("JR every step, jr.mode jvp", True, "jvp"), ("JR every step, jr.mode vjp", True, "vjp"))
+# (label, JR term, jr.mode, limit both ways: None = the config's). The last row is the
+# step's floor: one solver step each way, what the step costs outside the solves.
+STEPS = (("no JR", False, "jvp", None), ("JR every step, jr.mode jvp", True, "jvp", None),
+         ("JR every step, jr.mode vjp", True, "vjp", None), ("no JR, limits 1/1", False, "jvp", 1))
 
 
 def step_rows(name: str, repeats: int) -> list[list]:
@@ -141,8 +148,8 @@ def step_rows(name: str, repeats: int) -> list[list]:
     mesh = step_lib.make_mesh()
     batches = [task.train_batch(s) for s in range(4)]
     runs = {}
-    for label, jr, jr_mode in STEPS:
-        c = step_config(name, jr_mode)
+    for label, jr, jr_mode, limit in STEPS:
+        c = step_config(name, jr_mode, limit)
         tx, lr = make_optimizer(c)
         state = step_lib.init_state(task.model, c, tx, task.sample_input, mesh)
         compiled = step_lib.make_train_step(task.model, c, tx, lr, mesh, "deq", jr=jr).lower(state, *batches[0]).compile()

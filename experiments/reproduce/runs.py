@@ -167,7 +167,17 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def train_runs(out: Path, configs: dict[str, dict]) -> list[Path]:
+# Trains one run in a fresh Python process (argv: config JSON, run folder, resume 0/1).
+_TRAIN_ONE = (
+    "import json, sys\n"
+    "import deq_jax.train.cpu_flags as cpu_flags\n"
+    "cpu_flags.apply()\n"
+    "from deq_jax.train import train\n"
+    "train(json.loads(sys.argv[1]), sys.argv[2], resume=sys.argv[3] == '1')\n"
+)
+
+
+def train_runs(out: Path, configs: dict[str, dict], *, fresh_process: bool = True) -> list[Path]:
     """Trains every ``{name: config overrides}`` into ``out/<name>`` (names may hold a
     ``/``, as :func:`seeded`'s do).
 
@@ -175,7 +185,15 @@ def train_runs(out: Path, configs: dict[str, dict]) -> list[Path]:
     its last checkpoint (a script killed half-way loses at most a checkpoint interval),
     but only if the folder's saved config equals the one asked for; otherwise
     ``ValueError`` (another script's run, or a changed setting, under the same name).
+
+    ``fresh_process``: each run trains in a new Python process (the default), so that its
+    times do not depend on which runs the same process trained before: in one long-lived
+    process the same no-JR setting's DEQ phase took 6% longer after 38 earlier runs than
+    after 13 (``docs/results.md``, speed-up). ``RuntimeError`` if that process fails.
     """
+    import subprocess
+    import sys
+
     from deq_jax.train import train
 
     dirs = []
@@ -187,7 +205,14 @@ def train_runs(out: Path, configs: dict[str, dict]) -> list[Path]:
                 raise ValueError(f"{run} holds a run with another config ({'; '.join(diff)}); "
                                  "choose another --runs_dir or remove that folder")
         if not (run / "summary.json").exists():
-            train(config, run, resume=run.exists())
+            resume = run.exists()
+            if fresh_process:
+                proc = subprocess.run([sys.executable, "-c", _TRAIN_ONE, json.dumps(config), str(run),
+                                       "1" if resume else "0"])
+                if proc.returncode != 0:
+                    raise RuntimeError(f"training {run} failed (exit code {proc.returncode}; its output is above)")
+            else:
+                train(config, run, resume=resume)
         dirs.append(run)
     return dirs
 

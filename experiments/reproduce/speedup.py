@@ -17,7 +17,8 @@ batch has converged), with ``--validation`` (20%) of the training set held out:
   and per p the weights γ = c / p for c in ``--grid`` (1, 2, 4: p·γ, the expected weight
   per step, around the Quickstart's 0.5 · 4 = 2), or ``--gammas`` given per p;
 * **no-JR arms**: forward limits ``--limits`` (12, the Quickstart's, and 18), backward
-  ``--bwd_limit`` (12).
+  ``--bwd_limit`` (12); an item ``fwd/bwd`` sets both (``--limits=6/8,12,18``: also the
+  JR arms' own limits without JR, the control for what the lower limits alone do).
 
 Every limit is the configured one; training lowers the forward limit by U{0..2} on every
 step (``forward.random_lower``), in every arm.
@@ -92,8 +93,23 @@ def configs(size: str = "small", gammas: dict | None = None, jr_limit: int = 6, 
     common = {"steps": train_steps, "validation": validation}
     made = [runs.digits(size, gamma=g, limit=jr_limit, bwd_limit=jr_bwd_limit, jr={"prob": p}, **common)
             for p, values in gammas.items() for g in values]
-    made += [runs.digits(size, gamma=0.0, limit=limit, bwd_limit=bwd_limit, **common) for limit in limits]
+    made += [runs.digits(size, gamma=0.0, limit=fwd, bwd_limit=bwd, **common) for fwd, bwd in parse_limits(limits, bwd_limit)]
     return dict(made)
+
+
+def parse_limits(limits, bwd_limit: int = 12) -> list[tuple[int, int]]:
+    """No-JR limits as ``(forward, backward)`` pairs: each item an int (forward; backward
+    ``bwd_limit``), a ``"fwd/bwd"`` string or a pair."""
+    out = []
+    for item in limits:
+        if isinstance(item, str) and "/" in item:
+            fwd, bwd = item.split("/")
+            out.append((int(fwd), int(bwd)))
+        elif isinstance(item, (tuple, list)):
+            out.append((int(item[0]), int(item[1])))
+        else:
+            out.append((int(item), int(bwd_limit)))
+    return out
 
 
 def collect(run_dir) -> dict:
@@ -327,7 +343,7 @@ def main(argv):
     gammas = (parse_gammas(FLAGS.gammas) if FLAGS.gammas
               else gammas_for(tuple(float(p) for p in FLAGS.probs), tuple(float(c) for c in FLAGS.grid)))
     saved = run(FLAGS.out, FLAGS.runs, FLAGS.size, gammas, FLAGS.jr_limit, FLAGS.jr_bwd_limit,
-                tuple(int(x) for x in FLAGS.limits), FLAGS.bwd_limit, FLAGS.validation,
+                tuple(FLAGS.limits), FLAGS.bwd_limit, FLAGS.validation,
                 seeds=runs.parse_seeds(FLAGS.seeds), runs_dir=FLAGS.runs_dir, train_steps=FLAGS.train_steps)
     for entry in saved["speedup"].values():
         print(entry["verdict"])
@@ -348,7 +364,7 @@ def define_flags():
     flags.DEFINE_string("gammas", "", "Instead of --probs and --grid: 'p:γ,γ;p:γ' (e.g. '0.5:4;0.1:20').")
     flags.DEFINE_integer("jr_limit", 6, "Forward step limit of the JR arms.")
     flags.DEFINE_integer("jr_bwd_limit", 8, "Backward step limit of the JR arms.")
-    flags.DEFINE_list("limits", ["12", "18"], "Forward step limits of the no-JR arms.")
+    flags.DEFINE_list("limits", ["12", "18"], "Forward step limits of the no-JR arms, or fwd/bwd pairs (6/8).")
     flags.DEFINE_integer("bwd_limit", 12, "Backward step limit of the no-JR arms.")
     flags.DEFINE_float("validation", 0.2, "Fraction of the training set held out to choose γ and match quality.")
     flags.DEFINE_string("seeds", "0,1,2", "Seeds, comma-separated: each setting is trained once per seed.")
