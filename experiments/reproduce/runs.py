@@ -188,8 +188,8 @@ def train_runs(out: Path, configs: dict[str, dict], *, fresh_process: bool = Tru
 
     ``fresh_process``: each run trains in a new Python process (the default), so that its
     times do not depend on which runs the same process trained before: in one long-lived
-    process the same no-JR setting's DEQ phase took 6% longer after 38 earlier runs than
-    after 13 (``docs/results.md``, speed-up). ``RuntimeError`` if that process fails.
+    process the same no-JR setting's DEQ phase took 6% longer after 36-38 earlier runs
+    than after 13-14 (``docs/results.md``, speed-up). ``RuntimeError`` if that process fails.
     """
     import subprocess
     import sys
