@@ -14,6 +14,7 @@ over a traced key under ``jax.grad`` of a jitted function ("No constant handler"
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -118,7 +119,7 @@ def jacobian_term(
     z = jax.lax.stop_gradient(z)
 
     def estimate():
-        fz = lambda zz: f(params, x, zz)  # noqa: E731
+        fz = functools.partial(f, params, x)
         return jacobian.hutchinson_frobenius(fz, z, keys, num_probes=num_probes, mode=mode)
 
     if when is None:

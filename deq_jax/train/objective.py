@@ -101,9 +101,10 @@ def forward(
 ) -> Forward:
     """Inputs -> logits through the equilibrium (``mode="deq"``) or k unrolled cells
     (``"unrolled"``), with the ``[B]`` JR term when ``jr_keys`` are given (``jr_probes``
-    probes per example, estimated by ``jr_mode``; see :func:`deq_jax.equilibrium`); ``memory``: the segment memory of a model with one;
-    ``targets``: also return each target's negative log-likelihood (``nll``; a model with
-    adaptive softmax then forms no full distribution and ``logits`` is None)."""
+    probes per example, estimated by ``jr_mode``; see :func:`deq_jax.equilibrium`);
+    ``memory``: the segment memory of a model with one; ``targets``: also return each
+    target's negative log-likelihood (``nll``; a model with adaptive softmax then forms no
+    full distribution and ``logits`` is None)."""
     if mode not in ("deq", "unrolled"):
         raise ValueError(f"mode must be 'deq' or 'unrolled', got {mode!r}")
     extra = {} if memory is None else {"memory": memory}
