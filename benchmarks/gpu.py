@@ -250,8 +250,8 @@ def jax_side(f, params, x, z0, kind: str, sizes: Sizes) -> Side:
         z_star = result.z if z_star is None else z_star
         _, stats = adjoint(params, x, result.z, 2.0 * result.z / result.z.size)  # the cotangent of mean(z^2)
         rows.append(Row("deq_jax", solver, int(result.f_evals), float(jnp.max(result.rel_residual)),
-                        median_ms(lambda: solve(params, x, z0), r, sync), int(stats.f_evals),
-                        median_ms(lambda: grad(params, x, z0), r, sync)))
+                        median_ms(lambda solve=solve: solve(params, x, z0), r, sync), int(stats.f_evals),
+                        median_ms(lambda grad=grad: grad(params, x, z0), r, sync)))
 
     f_loop = jax.jit(lambda p, x, z: _in_while_loop(lambda z: f(p, x, z), n)(z))
 

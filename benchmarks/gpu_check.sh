@@ -1,17 +1,29 @@
 #!/usr/bin/env bash
-# The one-shot GPU check of issue 12: the quick GPU test subset, the GPU benchmark (default
-# precision, then solvers at "highest"), and the Quickstart training run, each with its own
-# time limit and log, most important first (a session's device time is short).
+# The one-shot GPU check: the quick GPU test subset, the GPU benchmark (solvers and train
+# steps at the default precision, then solvers at "highest"), and the Quickstart training
+# run, each stage with its own time limit and log, most important first, so that a run cut
+# short still leaves the most useful logs.
 #
-# On the GPU machine, from the repository root, after ../shared/device/prepare.sh has put
-# the missing wheels (ml_collections, torchdeq) in .whl/ here:
-#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-#     && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg && bash benchmarks/gpu_check.sh
-# Logs go to $OUT (default gpu_logs/). The default stages' limits add up to 590 s, under the
-# device tool's 600 s per command. SMALL=1 shrinks the benchmark (a test of this script on a
-# CPU); TESTS overrides the test selection; STAGES picks stages, e.g.
-# STAGES="loop_kernels trip_count" for a second, short command (150 s: kernels per solver
-# step, benchmarks/loop_kernels.py; early exit vs a fixed trip count, benchmarks/trip_count.py).
+# Run it on the GPU machine from the repository root:
+#   PYTHONUNBUFFERED=1 MPLBACKEND=Agg bash benchmarks/gpu_check.sh
+# It needs JAX with CUDA (e.g. pip install "jax[cuda12]"), the package's dependencies and
+# pytest (pip install -e ".[test]"; pytest-xdist is not used: the tests run in one process,
+# which owns the GPU). PyTorch and torchdeq==0.1.0 are optional: without them the benchmark
+# leaves out its torchdeq rows and says why. The script puts the repository root on
+# PYTHONPATH itself, so the checkout also works uninstalled. Without a package index, install
+# the same packages from wheels copied to the machine (pip install --no-index <wheels>).
+#
+# Logs go to $OUT (default gpu_logs/, ignored by git): device.txt (nvidia-smi, jax devices),
+# summary.txt (each stage's exit code and time; 124 means it hit its limit), <stage>.log,
+# the benchmark tables bench_solvers.md, bench_train.md, bench_highest.md, and the training
+# run folder digits/.
+#
+# Time: the default stages' limits add up to 590 s (tests 110, bench_solvers 150,
+# bench_train 180, bench_highest 60, train 90), so the check takes under 10 minutes.
+# STAGES picks stages, e.g. STAGES="loop_kernels trip_count" for a second, short command
+# (at most 150 s: kernels per solver step, benchmarks/loop_kernels.py; early exit against a
+# fixed trip count, benchmarks/trip_count.py). TESTS overrides the test selection; SMALL=1
+# shrinks the benchmark (for trying the script on a CPU).
 set -u
 OUT=${OUT:-gpu_logs}
 mkdir -p "$OUT"

@@ -20,11 +20,13 @@ a state two applications from zero, as jitted functions of ``(params, x, z)``:
 
 **The DEQ train step** of a config (``digits``: the Quickstart, MDEQ; ``pydoc``: the
 DEQ-Transformer, no convolutions) with the JR term on every step (``jr.mode`` jvp, the
-default, and vjp) against the step without it, at equal solver work: ``forward.early_exit`` and ``backward.early_exit`` False and
-``forward.random_lower`` 0, so both solves run exactly their limit (``fwd_nfe`` and
-``bwd_nfe`` are printed). A last row runs one solver step each way: the part of a step
-that does not shrink with the solver limits (injection, head, loss, optimizer). The two compiled steps (``make_train_step(..., jr=True/False)``,
-what the training loop runs) are timed in interleaved rounds over the same batches.
+default, and vjp) against the step without it, at equal solver work:
+``forward.early_exit`` and ``backward.early_exit`` False and ``forward.random_lower`` 0,
+so both solves run exactly their limit (``fwd_nfe`` and ``bwd_nfe`` are printed). A last
+row runs one solver step each way: the part of a step that does not shrink with the
+solver limits (injection, head, loss, optimizer). The two compiled steps
+(``make_train_step(..., jr=True/False)``, what the training loop runs) are timed in
+interleaved rounds over the same batches.
 
 Times: minimum over interleaved rounds (the machine's noise only adds); ratios come from
 one run. Convolutions are checked in the compiled code: ``fast conv`` counts those in the
@@ -50,7 +52,6 @@ if __name__ == "__main__":
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from benchmarks import problems  # noqa: E402
 from benchmarks.solvers import _table, _time  # noqa: E402
@@ -152,7 +153,8 @@ def step_rows(name: str, repeats: int) -> list[list]:
         c = step_config(name, jr_mode, limit)
         tx, lr = make_optimizer(c)
         state = step_lib.init_state(task.model, c, tx, task.sample_input, mesh)
-        compiled = step_lib.make_train_step(task.model, c, tx, lr, mesh, "deq", jr=jr).lower(state, *batches[0]).compile()
+        train_step = step_lib.make_train_step(task.model, c, tx, lr, mesh, "deq", jr=jr)
+        compiled = train_step.lower(state, *batches[0]).compile()
         text = compiled.as_text()
         labels = re.findall(r"dim_labels=([\w>-]+)", text)
         state, metrics = compiled(state, *batches[0])  # warm up

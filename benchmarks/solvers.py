@@ -133,16 +133,19 @@ def run_problem(name, repeats):
             return jnp.mean(jnp.square(z))
 
         grad = jax.jit(jax.grad(loss))
-        _, adjoint = jax.jit(lambda p, zs, g, c=config: deq_jax.adjoint_solve(f, p, x, zs, g, c))(params, result.z, g)
+        adjoint_fn = jax.jit(lambda p, zs, g, c=config: deq_jax.adjoint_solve(f, p, x, zs, g, c))
+        _, adjoint = adjoint_fn(params, result.z, g)
         t_solve, t_grad, t_f, t_vjp = _time(
-            [(solve, (params, x, z0)), (grad, (params,)), (f_loop, (params, x, z0)), (vjp_loop, (params, x, result.z, g))],
+            [(solve, (params, x, z0)), (grad, (params,)), (f_loop, (params, x, z0)),
+             (vjp_loop, (params, x, result.z, g))],
             repeats,
         )
         f_time, vjp_time = t_f / loop_n, t_vjp / loop_n
         f_times.append((f_time, vjp_time))
         evals, bwd = int(result.f_evals), int(adjoint.f_evals)
         rows.append(
-            [label, evals, f"{float(jnp.max(result.rel_residual)):.1e}", f"{t_solve * 1e3:.2f}", f"{t_solve / (evals * f_time):.2f}"]
+            [label, evals, f"{float(jnp.max(result.rel_residual)):.1e}", f"{t_solve * 1e3:.2f}",
+             f"{t_solve / (evals * f_time):.2f}"]
         )
         ideal = evals * f_time + (bwd + 1) * vjp_time
         grad_rows.append([label, evals, bwd, f"{t_grad * 1e3:.2f}", f"{t_grad / ideal:.2f}"])
@@ -153,7 +156,9 @@ def run_problem(name, repeats):
         jax.grad(lambda p, zs: jnp.mean(deq_jax.hutchinson_frobenius(lambda z: f(p, x, z), zs, key)))
     )
     f_once = jax.jit(lambda p, z: f(p, x, z))
-    t_jac, t_jac_grad, t_f_once = _time([(jac, (params, z_star)), (jac_grad, (params, z_star)), (f_once, (params, z_star))], repeats)
+    t_jac, t_jac_grad, t_f_once = _time(
+        [(jac, (params, z_star)), (jac_grad, (params, z_star)), (f_once, (params, z_star))], repeats
+    )
 
     f_time = min(t for t, _ in f_times)
     vjp_time = min(t for _, t in f_times)
@@ -232,8 +237,10 @@ def main():
             sys.exit(f"unknown setting {setting!r}; choose from {list(SETTINGS)}")
         flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), SETTINGS[setting]]))
         print(f"## XLA flags: {setting} ({SETTINGS[setting] or 'none'})\n", flush=True)
-        env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--problems", args.problems, "--repeats", str(args.repeats)]
+        pythonpath = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=pythonpath)
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--problems", args.problems,
+               "--repeats", str(args.repeats)]
         subprocess.run(cmd, env=env, check=True)
 
 

@@ -38,7 +38,7 @@ def rows(problem: str, steps: list[int], repeats: int) -> list[list]:
     for label, name, options in SOLVER_ROWS:
         for n in steps:
             solves = [
-                jax.jit(lambda p, x, z, early_exit=early_exit: solvers.get(name)(
+                jax.jit(lambda p, x, z, early_exit=early_exit, name=name, n=n, options=options: solvers.get(name)(
                     lambda zz: f(p, x, zz), z, max_steps=n, tol=TOL, early_exit=early_exit, **options))
                 for early_exit in (True, False)
             ]

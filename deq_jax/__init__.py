@@ -12,7 +12,7 @@ A DEQ layer inside your own model: :class:`deq_jax.linen.DEQ` (Flax Linen),
 ``f(params, x, z)`` (Equinox, plain JAX).
 """
 
-from deq_jax import solvers
+from deq_jax import linen, nnx, solvers
 from deq_jax.deq import (
     BackwardStats,
     Phantom,
@@ -24,9 +24,8 @@ from deq_jax.deq import (
 from deq_jax.jacobian import exact_frobenius, hutchinson_frobenius, spectral_radius
 from deq_jax.layer import DEQStats, equilibrium
 from deq_jax.solvers import SolverResult
-from deq_jax import linen, nnx  # noqa: E402  (the layers use the names above)
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "BackwardStats",

@@ -17,7 +17,7 @@ To regularize a DEQ as the paper does, treat z* as a constant:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +89,17 @@ def hutchinson_frobenius(
     ``mean_m ||J_b eps_m||^2 / d`` (``mode="jvp"``, forward mode), with
     ``num_probes`` Gaussian or Rademacher probes ``eps_m`` per example. ``key``: one
     PRNG key, or a ``[B]`` array of typed keys (``jax.random.key``), one per example.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, deq_jax
+      >>> w = jnp.array([[0.5, 0.0], [0.0, -0.3]])
+      >>> fz = lambda z: z @ w.T                   # J = w: ||J||_F^2 / d = (0.25 + 0.09) / 2
+      >>> z = jnp.ones((4, 2))
+      >>> estimate = deq_jax.hutchinson_frobenius(fz, z, jax.random.key(0), probe="rademacher")
+      >>> [round(v, 4) for v in estimate.tolist()]  # exact here: J is diagonal
+      [0.17, 0.17, 0.17, 0.17]
+      >>> [round(v, 4) for v in deq_jax.exact_frobenius(fz, z).tolist()]
+      [0.17, 0.17, 0.17, 0.17]
     """
     if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
         raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
@@ -122,6 +133,13 @@ def spectral_radius(fz: Callable, z, key: Array, num_iters: int = 150) -> Array:
     Iterates v <- v^T J_b / ||v^T J_b|| and returns the geometric mean of the growth
     factors ||v^T J_b|| over the second half of the iterations. Unlike the Rayleigh
     quotient, this also converges when the dominant eigenvalues are a complex pair.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, deq_jax
+      >>> w = jnp.array([[0.5, 0.0], [0.0, -0.3]])
+      >>> rho = deq_jax.spectral_radius(lambda z: z @ w.T, jnp.ones((4, 2)), jax.random.key(0))
+      >>> [round(v, 3) for v in rho.tolist()]
+      [0.5, 0.5, 0.5, 0.5]
     """
     if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 2:
         raise ValueError(f"num_iters must be an int >= 2, got {num_iters!r}")

@@ -6,16 +6,17 @@
 This is what the framework layers (:class:`deq_jax.linen.DEQ`, :class:`deq_jax.nnx.DEQ`)
 call once they have turned the user's cell into ``f(params, x, z)`` with its parameters
 as an explicit argument; Equinox users call it directly with ``eqx.partition`` /
-``eqx.combine`` (see the README). Everything differentiable must reach ``f`` through
-``params`` or ``x``, never by closure; so should a traced PRNG key the cell uses (e.g.
-``params=(cell_params, dropout_key)``): JAX cannot lower a custom-VJP function that closes
-over a traced key under ``jax.grad`` of a jitted function ("No constant handler").
+``eqx.combine`` (docs/guides/your_own_model.md). Everything differentiable must reach ``f`` through
+``params`` or ``x``, never by closure (a closed-over array that ``jax.grad`` traces
+raises JAX's ``UnexpectedTracerError``); pass a traced PRNG key the cell uses the same way
+(e.g. ``params=(cell_params, dropout_key)``).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +89,18 @@ def equilibrium(
 
     Returns:
       ``(z, stats)``: z with z0's structure and a :class:`DEQStats`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, deq_jax
+      >>> def f(params, x, z):
+      ...     return jnp.tanh(z @ params["w"] + x)
+      >>> params, x = {"w": 0.3 * jnp.eye(4)}, jnp.ones((8, 4))
+      >>> z, stats = deq_jax.equilibrium(f, params, x, jnp.zeros_like(x),
+      ...                                jr_keys=jax.random.key(0))
+      >>> stats.jr.shape                    # the JR term per example, to add to the loss
+      (8,)
+      >>> bool(stats.result.converged.all())
+      True
     """
     f = in_compute_dtype(f, compute_dtype)
     if unroll is None:

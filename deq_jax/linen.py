@@ -61,6 +61,21 @@ class DEQ(nn.Module):
         :func:`deq_jax.equilibrium`).
       compute_dtype: None, or a dtype (e.g. ``jnp.bfloat16``) to evaluate the cell in;
         its parameters, z and the solver stay float32 (:mod:`deq_jax.mixed_precision`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, deq_jax
+      >>> class Cell(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, z):
+      ...         return nn.tanh(nn.Dense(z.shape[-1])(z) + x)
+      >>> layer = deq_jax.linen.DEQ(Cell())
+      >>> x = jnp.ones((8, 16))
+      >>> variables = layer.init(jax.random.key(0), x)
+      >>> z, stats = layer.apply(variables, x, jr_keys=jax.random.key(1))
+      >>> z.shape, stats.jr.shape
+      ((8, 16), (8,))
+      >>> bool(stats.result.converged.all())
+      True
     """
 
     cell: nn.Module

@@ -60,6 +60,21 @@ class DEQ(nnx.Module):
         :func:`deq_jax.equilibrium`).
       compute_dtype: None, or a dtype (e.g. ``jnp.bfloat16``) to evaluate the cell in;
         its parameters, z and the solver stay float32 (:mod:`deq_jax.mixed_precision`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, deq_jax
+      >>> from flax import nnx
+      >>> class Cell(nnx.Module):
+      ...     def __init__(self, d, rngs):
+      ...         self.linear = nnx.Linear(d, d, rngs=rngs)
+      ...     def __call__(self, x, z):
+      ...         return jnp.tanh(self.linear(z) + x)
+      >>> layer = deq_jax.nnx.DEQ(Cell(16, nnx.Rngs(0)))
+      >>> z, stats = layer(jnp.ones((8, 16)), jr_keys=jax.random.key(1))
+      >>> z.shape, stats.jr.shape
+      ((8, 16), (8,))
+      >>> bool(stats.result.converged.all())
+      True
     """
 
     def __init__(

@@ -48,7 +48,8 @@ def main(argv=None):
     z0 = jnp.zeros((args.batch, args.width))
 
     print(f"DEQ cell tanh(z W + x U + b): batch {args.batch}, width {args.width}, ||W||_2 = {args.spectral_norm}")
-    print(f"{'solver':<22} {'fwd steps':>9} {'fwd rel res':>11} {'bwd steps':>9} {'bwd rel res':>11} {'grad norm':>9} {'ms':>7}")
+    print(f"{'solver':<22} {'fwd steps':>9} {'fwd rel res':>11} "
+          f"{'bwd steps':>9} {'bwd rel res':>11} {'grad norm':>9} {'ms':>7}")
     for name in deq_jax.solvers.SOLVERS:
         forward = deq_jax.SolverConfig(name, max_steps=60, tol=1e-4)
         backward = deq_jax.SolverConfig(name, max_steps=60, tol=1e-4)
@@ -66,7 +67,8 @@ def main(argv=None):
         gnorm = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads))))
         print(
             f"{name:<22} {float(jnp.mean(result.n_steps)):>9.1f} {float(jnp.max(result.rel_residual)):>11.1e} "
-            f"{float(jnp.mean(bstats.n_steps)):>9.1f} {float(jnp.max(bstats.rel_residual)):>11.1e} {gnorm:>9.2e} {ms:>7.1f}"
+            f"{float(jnp.mean(bstats.n_steps)):>9.1f} {float(jnp.max(bstats.rel_residual)):>11.1e} "
+            f"{gnorm:>9.2e} {ms:>7.1f}"
         )
 
     z_star, _ = deq_jax.fixed_point(cell, params, x, z0)
@@ -75,7 +77,8 @@ def main(argv=None):
     exact = deq_jax.exact_frobenius(fz, z_star)
     radius = deq_jax.spectral_radius(fz, z_star, kj)
     print("\nJacobian at z* (mean over the batch):")
-    print(f"  ||J||_F^2 / d  Hutchinson (4 probes) {float(jnp.mean(estimate)):.4f}   exact {float(jnp.mean(exact)):.4f}")
+    print(f"  ||J||_F^2 / d  Hutchinson (4 probes) {float(jnp.mean(estimate)):.4f}   "
+          f"exact {float(jnp.mean(exact)):.4f}")
     print(f"  spectral radius (power method)       {float(jnp.mean(radius)):.4f}")
 
 

@@ -23,7 +23,7 @@ def _setup(cfg, tie=True, batch=(2, 5), seed=0, scale=0.5, dtype=jnp.float32):
     return _setup_cached(tuple(sorted(cfg.items())), tie, batch, seed, scale, jnp.dtype(dtype))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup_cached(cfg, tie, batch, seed, scale, dtype):
     """Module, randomized parameters (scale ``scale``, so that logits are O(1) and biases
     non-zero; the N(0, 0.01) init would make every distribution near-uniform), ``h`` and
@@ -72,7 +72,9 @@ def _np_log_probs(p, h, cfg, tie=True):
 
     if k == 0:
         return lsm(logits(0, p["table_0"], p["bias_0"]))
-    head = lsm(logits(0, np.concatenate([p["table_0"], p["cluster_weight"]]), np.concatenate([p["bias_0"], p["cluster_bias"]])))
+    head = lsm(
+        logits(0, np.concatenate([p["table_0"], p["cluster_weight"]]), np.concatenate([p["bias_0"], p["cluster_bias"]]))
+    )
     n0 = bounds[1]
     parts = [head[..., :n0]]
     for i in range(1, k + 1):
@@ -145,7 +147,9 @@ def test_gradients_match_central_differences_in_float64(cfg, tie):
             return jnp.stack([f(x), jnp.sum(g_emb * model.apply({"params": params}, t, method="embed"))])
 
         e = 1e-6 * jnp.eye(flat.size, dtype=flat.dtype)  # central differences at every coordinate
-        jac, fd = jax.jit(lambda x: (jax.jacrev(both)(x), (jax.vmap(both)(x + e) - jax.vmap(both)(x - e)).T / 2e-6))(flat)  # [2, n]
+        jac, fd = jax.jit(  # [2, n]
+            lambda x: (jax.jacrev(both)(x), (jax.vmap(both)(x + e) - jax.vmap(both)(x - e)).T / 2e-6)
+        )(flat)
         assert float(jnp.abs(jac[0]).max()) > 1e-2 and float(jnp.abs(jac[1]).max()) > 1e-2  # non-trivial
         np.testing.assert_allclose(jac, fd, atol=1e-7, rtol=1e-6)
 
@@ -163,7 +167,8 @@ def test_output_weights_are_the_input_tables_and_tail_projections_are_shared():
         """Which of (embed of cluster i's token, log_prob of cluster i's token) change when
         parameter `name` is perturbed."""
         p2 = dict(v["params"])
-        p2[name] = p2[name] + 0.3 * jax.random.normal(jax.random.PRNGKey(3), p2[name].shape)  # a constant shift would cancel
+        # random noise, not a constant shift: a constant shift would cancel
+        p2[name] = p2[name] + 0.3 * jax.random.normal(jax.random.PRNGKey(3), p2[name].shape)
         (e1, l1), (e2, l2) = fwd(v), fwd({"params": p2})
         return [bool(jnp.any(e1[0, i] != e2[0, i])) for i in range(3)], [bool(l1[0, i] != l2[0, i]) for i in range(3)]
 
@@ -207,7 +212,9 @@ def test_wt103_parameter_count():
 
     cfg = dict(vocab_size=267735, d_model=700, cutoffs=(20000, 40000, 200000), div_val=4)
     model = AdaptiveSoftmax(**cfg)  # tie_projections=True by default
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32), method="embed"))["params"]
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32), method="embed")
+    )["params"]
     size = {k: math.prod(s.shape) for k, s in shapes.items()}
     assert [shapes[f"table_{i}"].shape for i in range(4)] == [(20000, 700), (20000, 175), (160000, 43), (67735, 10)]
     group = lambda prefix: sum(n for k, n in size.items() if k.startswith(prefix))  # noqa: E731
@@ -218,7 +225,8 @@ def test_wt103_parameter_count():
     assert group("out_proj_") == 490_000 and set(k for k in size if k.startswith("out_proj_")) == {"out_proj_0"}
     assert sum(size.values()) == 26_466_788
     assert param_count(**cfg) == {
-        "tables": 25_057_350, "in_projs": 649_600, "out_projs": 490_000, "biases": 267_735, "clusters": 2_103, "total": 26_466_788
+        "tables": 25_057_350, "in_projs": 649_600, "out_projs": 490_000, "biases": 267_735, "clusters": 2_103,
+        "total": 26_466_788,
     }
     # untied tail projections: the official double-counted figure for the adaptive part
     assert param_count(**cfg, tie_projections=False)["total"] == 26_466_788 + 159_600

@@ -45,7 +45,9 @@ CASES = {
     "damping 1": (lambda: solvers.fixed_point_iteration(F, Z0, damping=1.0), ValueError, "damping must be in"),
     "f changes shape": (lambda: solvers.broyden(lambda z: z[:, :2], Z0), ValueError, "same structure and shapes"),
     "unknown solver": (lambda: solvers.get("newton"), ValueError, "unknown solver 'newton'"),
-    "precision name": (lambda: deq_jax.SolverConfig("broyden", precision="fp32"), ValueError, "precision must be one of"),
+    "precision name": (
+        lambda: deq_jax.SolverConfig("broyden", precision="fp32"), ValueError, "precision must be one of"
+    ),
     "compute_dtype not a dtype": (lambda: deq_jax.equilibrium(cell, PARAMS, X, Z0, compute_dtype="bf16"), ValueError,
                                   "compute_dtype must be None or one of"),
     "compute_dtype float64": (lambda: deq_jax.equilibrium(cell, PARAMS, X, Z0, compute_dtype="float64"), ValueError,
@@ -112,7 +114,8 @@ def test_bad_input_gives_a_clear_error(case):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["-m", "experiments.train", "--config.jr.gama=1", "--workdir=/nonexistent"], 'Did you mean "gamma" instead of "gama"'),
+        (["-m", "experiments.train", "--config.jr.gama=1", "--workdir=/nonexistent"],
+         'Did you mean "gamma" instead of "gama"'),
         (["-m", "experiments.train", "--config.train.pretrain_steps=500", "--workdir=/nonexistent"],
          "train.pretrain_steps must be in"),
         (["-m", "experiments.sample", "/nonexistent"], "is not a run folder"),

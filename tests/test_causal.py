@@ -172,7 +172,9 @@ def _worst_change_before(model, params, tokens, solver: deq_jax.SolverConfig, t:
     """Largest change of logits at positions < t, over the budgets, when tokens >= t change;
     also the forward results of the original tokens at each budget."""
     changed = tokens.at[:, t:].set((tokens[:, t:] + 5) % V)
-    run = jax.jit(lambda toks, limit: objective.forward(model, params, toks, mode="deq", config=solver, step_limit=limit))
+    run = jax.jit(
+        lambda toks, limit: objective.forward(model, params, toks, mode="deq", config=solver, step_limit=limit)
+    )
     worst, results = 0.0, []
     for budget in BUDGETS:
         a, b = run(tokens, budget), run(changed, budget)

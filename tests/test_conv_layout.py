@@ -124,6 +124,6 @@ def test_the_spectral_radius_power_iteration_runs_only_canonical_convolutions():
     z = jax.random.normal(jax.random.PRNGKey(7), (2, 6, 6, 4))
     rho = jax.jit(lambda z: deq_jax.spectral_radius(nhwc, z, jax.random.PRNGKey(8)))
     assert set(re.findall(r"dim_labels=([\w>-]+)", rho.lower(z).compile().as_text())) == {"b01f_01io->b01f"}
-    exact = [float(jnp.max(jnp.abs(jnp.linalg.eigvals(jax.jacobian(lambda v: nhwc(v[None])[0])(z[b]).reshape(144, 144)))))
-             for b in range(2)]
+    jacobian = jax.jacobian(lambda v: nhwc(v[None])[0])
+    exact = [float(jnp.max(jnp.abs(jnp.linalg.eigvals(jacobian(z[b]).reshape(144, 144))))) for b in range(2)]
     np.testing.assert_allclose(rho(z), exact, rtol=0.05)

@@ -177,7 +177,9 @@ def test_jit_does_not_retrace_and_vmap_works():
     for i, p in enumerate([params, jax.tree.map(lambda a: 0.5 * a, params)]):
         np.testing.assert_allclose(zs[i], deq_jax.fixed_point(cell, p, x, jnp.zeros((B, D)))[0], atol=1e-5)
     vgrad = jax.jit(jax.vmap(lambda p: jax.grad(implicit_loss)(p, x, weights)))(stacked)
-    chex.assert_trees_all_close(jax.tree.map(lambda a: a[0], vgrad), jax.grad(implicit_loss)(params, x, weights), rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda a: a[0], vgrad), jax.grad(implicit_loss)(params, x, weights), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_unrolled_is_repeated_application():

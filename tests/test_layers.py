@@ -298,7 +298,9 @@ def nnx_step(state, x, key):
 
 linen_params = model.init(jax.random.key(0), t.inputs())["params"]
 for name, step_fn, start in (("linen", linen_step, linen_params), ("nnx", nnx_step, nnx_state)):
-    sharded = jax.jit(step_fn, in_shardings=(replicated, data, replicated), out_shardings=(replicated, replicated, data))
+    sharded = jax.jit(
+        step_fn, in_shardings=(replicated, data, replicated), out_shardings=(replicated, replicated, data)
+    )
     single = jax.jit(step_fn)
     runs = {}
     for label, fn in (("4 devices", sharded), ("1 device", single)):

@@ -13,7 +13,8 @@ import pytest
 from deq_jax.data import text
 from deq_jax.models.deq_transformer import rotary
 from deq_jax.train import config as config_lib
-from deq_jax.train import loop, step as step_lib
+from deq_jax.train import loop
+from deq_jax.train import step as step_lib
 from deq_jax.train.optim import make_optimizer
 from deq_jax.train.sampling import generate, load_run, next_token_logits_fn
 from deq_jax.train.tasks import make_task

@@ -50,8 +50,8 @@ def test_the_wheel_ships_only_deq_jax(wheel):
     configs = {p.name for p in (ROOT / "deq_jax" / "configs").glob("*.py")}
     assert "digits.py" in configs
     assert configs <= {Path(n).name for n in names if n.startswith("deq_jax/configs/")}
-    for module in ("deq_jax/solvers/broyden.py", "deq_jax/models/mdeq.py", "deq_jax/linen.py", "deq_jax/nnx.py", "deq_jax/train/cli.py",
-                   "deq_jax/train/cpu_flags.py", "deq_jax/data/pipeline.py"):
+    for module in ("deq_jax/solvers/broyden.py", "deq_jax/models/mdeq.py", "deq_jax/linen.py", "deq_jax/nnx.py",
+                   "deq_jax/train/cli.py", "deq_jax/train/cpu_flags.py", "deq_jax/data/pipeline.py"):
         assert module in names
     entry_points = zipfile.ZipFile(wheel).read(f"{dist_info}entry_points.txt").decode()
     assert "deq-jax-train = deq_jax.train.cli:run" in entry_points

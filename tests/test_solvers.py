@@ -421,7 +421,9 @@ def test_broyden_is_good_broyden_on_its_last_pairs(causal):
                 max_steps=14, tol=1e-300, memory=3, causal_axis=1,
             )
         else:
-            result = solvers.broyden(lambda z: jnp.tanh(z @ a_j + c_j), jnp.zeros((2, 6)), max_steps=14, tol=1e-300, memory=3)
+            result = solvers.broyden(
+                lambda z: jnp.tanh(z @ a_j + c_j), jnp.zeros((2, 6)), max_steps=14, tol=1e-300, memory=3
+            )
         assert ref[-1].max() < 1e-2 * ref[0].min()  # the reference got somewhere
         np.testing.assert_allclose(result.abs_trace, ref, rtol=1e-9, atol=1e-13)
 

@@ -21,7 +21,8 @@ from deq_jax.models import MDEQ
 from deq_jax.train import config as config_lib
 from deq_jax.train import loop as loop_lib
 from deq_jax.train import metrics as metrics_lib
-from deq_jax.train import objective, schedules, step as step_lib
+from deq_jax.train import objective, schedules
+from deq_jax.train import step as step_lib
 from deq_jax.train.optim import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -483,9 +484,9 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_metrics(tmp_path):
     # Same run in a subprocess, killed with SIGKILL once a checkpoint exists.
     run = tmp_path / "killed"
     script = (
-        "import sys, json; sys.path.insert(0, {!r}); from deq_jax.train import train; "
+        f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); from deq_jax.train import train; "
         "train(json.loads(sys.argv[1]), sys.argv[2], progress=False)"
-    ).format(str(ROOT))
+    )
     proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(c), str(run)], cwd=ROOT)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not list(run.glob("ckpt_*.msgpack")):

@@ -45,7 +45,7 @@ Table 4 (ImageNet column). "-" = not stated there.
 | weight decay | 2e-5, added to the gradient before momentum (optax add_decayed_weights + sgd) | WD 2e-5 (l.88), torch SGD weight_decay (coupled) | 5e-5 | the file; for SGD ours is the same coupled L2 as torch's (all parameters) |
 | gradient clipping | none | TRAIN.CLIP -1 (default.py l.109) | - | |
 | eval batch | 128 | 32 per GPU x 4 (l.72) | - | |
-| eval metrics | top-1 (top-5: not yet, see the issue), loss, solver steps/residual, Jacobian norm, budgets 1..14 | top-1 and top-5 (cls_train.py l.214) | - | our evaluation adds the solver statistics |
+| eval metrics | top-1 and top-5, loss, solver steps/residual, Jacobian norm, budgets 1..14 | top-1 and top-5 (cls_train.py l.214) | - | our evaluation adds the solver statistics |
 | eval/log/checkpoint | eval every 5 epochs, log every 1000 steps | validation every epoch, PRINT_FREQ 1000 (l.6) | - | each of our evaluations is two passes over the 50k images |
 | seed | 0 | torch.manual_seed(42) | - | random streams differ across frameworks anyway |
 """

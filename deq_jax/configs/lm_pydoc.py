@@ -22,7 +22,7 @@ def get_config():
     c.train.log_every = 25
     c.train.eval_every = 500
     c.train.checkpoint_every = 250
-    c.forward.solver = "anderson"  # causal along the sequence (forward.causal); README "Causal solving"
+    c.forward.solver = "anderson"  # causal along the sequence (forward.causal); docs/guides/causal.md
     c.forward.max_steps = 12
     c.forward.random_lower = 2
     c.backward.max_steps = 12

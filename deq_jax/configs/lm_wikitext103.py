@@ -2,7 +2,7 @@
 ``DEQ-Sequence/wt103_deq_transformer_preln_reg.sh`` (needs GPUs).
 
 Point ``--config.data.data_dir`` at the folder holding ``wiki.{train,valid,test}.tokens``
-(unzipped ``wikitext-103-v1.zip``; README, "WikiText-103"). The paper's row (Tables 1 and
+(unzipped ``wikitext-103-v1.zip``; docs/guides/data.md). The paper's row (Tables 1 and
 5, DEQ-T (Pre-LN) + JR): 24.5 perplexity with 14/14 NFEs.
 
 The official model's parts are here: adaptive input embeddings and adaptive softmax with

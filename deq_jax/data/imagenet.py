@@ -29,7 +29,8 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -185,7 +186,7 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return order
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pool(num_workers: int) -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(num_workers, thread_name_prefix="deq_jax_images")
 

@@ -9,7 +9,7 @@ Image data sets come in two kinds with one interface (``name``, ``num_classes``,
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

@@ -96,7 +96,8 @@ once); it equals the size of ``jax.eval_shape(model.init, ...)``'s tree.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -127,7 +128,9 @@ def cluster_layout(
         if c <= 0:
             raise ValueError(f"cutoffs must be > 0 (cluster 0 would be empty), got {cutoffs!r}")
         if c >= vocab_size:
-            raise ValueError(f"cutoffs must be < vocab_size={vocab_size} (the last cluster would be empty), got {cutoffs!r}")
+            raise ValueError(
+                f"cutoffs must be < vocab_size={vocab_size} (the last cluster would be empty), got {cutoffs!r}"
+            )
     if any(b <= a for a, b in zip(cutoffs, cutoffs[1:])):
         raise ValueError(f"cutoffs must be strictly increasing, got {cutoffs!r}")
     widths = tuple(d_model // div_val**i for i in range(len(cutoffs) + 1))
@@ -146,13 +149,15 @@ def param_count(
     """Parameter count of :class:`AdaptiveSoftmax` by group (each array counted once):
     ``tables``, ``in_projs``, ``out_projs``, ``biases``, ``clusters`` and ``total``."""
     bounds, widths = cluster_layout(vocab_size, d_model, cutoffs, div_val)
-    sizes = [r - l for l, r in zip(bounds, bounds[1:])]
+    sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
     k = len(sizes) - 1
     proj = div_val > 1
     counts = {
         "tables": sum(n * d for n, d in zip(sizes, widths)),
         "in_projs": sum(d * d_model for d in widths) if proj else 0,
-        "out_projs": (widths[0] * d_model + (0 if tie_projections else sum(d * d_model for d in widths[1:]))) if proj else 0,
+        "out_projs": (
+            (widths[0] * d_model + (0 if tie_projections else sum(d * d_model for d in widths[1:]))) if proj else 0
+        ),
         "biases": vocab_size,
         "clusters": k * widths[0] + k,
     }
@@ -200,14 +205,18 @@ class AdaptiveSoftmax(nn.Module):
         normal = nn.initializers.normal(self.init_std)
         zeros = nn.initializers.zeros
         pd = self.param_dtype
-        self.tables = [self.param(f"table_{i}", normal, (bounds[i + 1] - bounds[i], widths[i]), pd) for i in range(k + 1)]
+        self.tables = [
+            self.param(f"table_{i}", normal, (bounds[i + 1] - bounds[i], widths[i]), pd) for i in range(k + 1)
+        ]
         self.biases = [self.param(f"bias_{i}", zeros, (bounds[i + 1] - bounds[i],), pd) for i in range(k + 1)]
         if self.div_val > 1:
             self.in_projs = [self.param(f"in_proj_{i}", normal, (widths[i], self.d_model), pd) for i in range(k + 1)]
             out = [self.param("out_proj_0", normal, (widths[0], self.d_model), pd)]
             for i in range(1, k + 1):
                 tied = self.tie_projections
-                out.append(self.in_projs[i] if tied else self.param(f"out_proj_{i}", normal, (widths[i], self.d_model), pd))
+                out.append(
+                    self.in_projs[i] if tied else self.param(f"out_proj_{i}", normal, (widths[i], self.d_model), pd)
+                )
             self.out_projs = out
         else:
             self.in_projs = self.out_projs = [None] * (k + 1)
@@ -232,8 +241,12 @@ class AdaptiveSoftmax(nn.Module):
         cdt = h.dtype
         odt = jnp.promote_types(cdt, jnp.float32)
         if proj is not None:
-            h = jnp.einsum("...m,dm->...d", h, proj.astype(cdt), precision=self.precision, preferred_element_type=odt).astype(cdt)
-        logits = jnp.einsum("...d,vd->...v", h, weight.astype(cdt), precision=self.precision, preferred_element_type=odt)
+            h = jnp.einsum(
+                "...m,dm->...d", h, proj.astype(cdt), precision=self.precision, preferred_element_type=odt
+            ).astype(cdt)
+        logits = jnp.einsum(
+            "...d,vd->...v", h, weight.astype(cdt), precision=self.precision, preferred_element_type=odt
+        )
         return logits + bias.astype(odt)
 
     def _head_logits(self, h: Array) -> Array:

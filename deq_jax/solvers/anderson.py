@@ -17,7 +17,8 @@ is mixed with its own weights alpha_t that read no later position.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -109,6 +110,15 @@ def anderson(
 
     Returns:
       A :class:`SolverResult`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from deq_jax import solvers
+      >>> result = solvers.anderson(jnp.cos, jnp.zeros((2, 3)))   # z = cos z, 2 examples
+      >>> [round(v, 3) for v in result.z[:, 0].tolist()]
+      [0.739, 0.739]
+      >>> result.converged.tolist()
+      [True, True]
     """
     if not isinstance(memory, int) or memory < 1:
         raise ValueError(f"memory must be a positive int, got {memory!r}")

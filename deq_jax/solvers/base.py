@@ -36,7 +36,8 @@ the methods are written once for both shapes (:func:`pdot`, :func:`pcoeffs`, :fu
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -224,7 +225,7 @@ def ravel_positions(
     def unravel(arr):
         parts = [arr] if len(sizes) == 1 else jnp.split(arr, np.cumsum(sizes)[:-1], axis=-1)
         leaves_out = []
-        for part, shape, moved_shape, dt in zip(parts, shapes, moved, dtypes, strict=True):
+        for part, moved_shape, dt in zip(parts, moved, dtypes, strict=True):
             leaf = part.reshape(moved_shape)
             if causal_axis is not None:
                 leaf = jnp.moveaxis(leaf, 1, causal_axis)

@@ -35,7 +35,8 @@ position. For ``T = 1`` it is the method above.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +86,8 @@ def _add_newest(inv: Array, row: Array, column: Array, corner: Array, ok: Array)
     pivot = corner - jnp.sum(row * inv_col, axis=-1)
     ok = ok & jnp.isfinite(pivot) & (jnp.abs(pivot) > jnp.finfo(inv.dtype).tiny ** 0.5)
     scale = jnp.where(ok, 1.0 / jnp.where(ok, pivot, 1.0), 0.0)[..., None]
-    top = jnp.concatenate([inv + (inv_col * scale)[..., :, None] * row_inv[..., None, :], -(inv_col * scale)[..., None]], -1)
+    col = inv_col * scale
+    top = jnp.concatenate([inv + col[..., :, None] * row_inv[..., None, :], -col[..., None]], -1)
     bottom = jnp.concatenate([-(row_inv * scale), jnp.where(ok, scale[..., 0], 1.0)[..., None]], -1)
     return jnp.concatenate([top, bottom[..., None, :]], axis=-2), ok
 
@@ -189,6 +191,15 @@ def broyden(
 
     Returns:
       A :class:`SolverResult`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from deq_jax import solvers
+      >>> result = solvers.broyden(jnp.cos, jnp.zeros((2, 3)))   # z = cos z, 2 examples
+      >>> [round(v, 4) for v in result.z[:, 0].tolist()]
+      [0.7391, 0.7391]
+      >>> result.n_steps.tolist(), result.converged.tolist()
+      ([4, 4], [True, True])
     """
     if not isinstance(memory, int) or memory < 1:
         raise ValueError(f"memory must be a positive int, got {memory!r}")

@@ -20,7 +20,7 @@ convolution layouts themselves.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.extend.core as jex

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from deq_jax.solvers import base
 
@@ -49,7 +49,18 @@ def fixed_point_iteration(
 
     Returns:
       A :class:`SolverResult`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from deq_jax import solvers
+      >>> result = solvers.fixed_point_iteration(jnp.cos, jnp.zeros((2, 3)), max_steps=50)
+      >>> [round(v, 3) for v in result.z[:, 0].tolist()]   # z = cos z, 2 examples
+      [0.739, 0.739]
+      >>> result.n_steps.tolist()      # contracts by 0.67 a step: Broyden takes 4
+      [18, 18]
     """
     if not 0 <= damping < 1:
         raise ValueError(f"damping must be in [0, 1), got {damping!r}")
-    return base.solve(_method(damping), f, z0, max_steps, tol, stop_mode, step_limit, causal_axis, precision, early_exit)
+    return base.solve(
+        _method(damping), f, z0, max_steps, tol, stop_mode, step_limit, causal_axis, precision, early_exit
+    )

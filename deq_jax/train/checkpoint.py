@@ -10,7 +10,7 @@ skipped with a warning naming it, for the newest one that can.
 
 Why not Orbax: the train states here are replicated (every device holds the whole state),
 small, and written by one process, so one msgpack file per step does everything needed,
-with no further dependency; README "Reliability" lists what is guaranteed and the tests.
+with no further dependency; docs/reliability.md lists what is guaranteed and the tests.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import warnings
 from pathlib import Path
 
 import flax.serialization
-from flax.traverse_util import flatten_dict, unflatten_dict
 import jax
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 _NAME = re.compile(r"^ckpt_(\d{8})\.msgpack$")
 
@@ -110,7 +110,8 @@ def _like(template, saved: dict, source: str):
         if tuple(leaf.shape) != tuple(model_leaf.shape) or leaf.dtype != np.dtype(model_leaf.dtype):
             raise ValueError(
                 f"{source}: leaf {jax.tree_util.keystr(keys)} is {leaf.dtype}{list(leaf.shape)}, the model "
-                f"expects {np.dtype(model_leaf.dtype)}{list(model_leaf.shape)} (a checkpoint of another model or config?)")
+                f"expects {np.dtype(model_leaf.dtype)}{list(model_leaf.shape)} "
+                "(a checkpoint of another model or config?)")
     return restored
 
 

@@ -12,10 +12,10 @@ import difflib
 import ml_collections
 
 from deq_jax import jacobian, solvers
-from deq_jax.mixed_precision import COMPUTE_DTYPES
-from deq_jax.solvers.base import MATMUL_PRECISIONS
 from deq_jax.data.pipeline import IMAGE_DATA
 from deq_jax.data.text import TEXT_DATA
+from deq_jax.mixed_precision import COMPUTE_DTYPES
+from deq_jax.solvers.base import MATMUL_PRECISIONS
 
 SCHEDULES = ("constant", "staircase", "adaptive")
 RANDOM_LOWER_RULES = ("every_step", "jr_steps")
@@ -31,8 +31,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     # Images (MDEQ): "digits" (embedded), "cifar10" (TFDS, prepared), "imagenet2012" (TFDS,
-    # downloaded by hand and prepared; streamed). Text (DEQ-Transformer): "pydoc" (embedded),
-    # "tiny_shakespeare" (TFDS), "wikitext103" (files).
+    # downloaded by hand and prepared; streamed). Text (DEQ-Transformer): "pydoc" and
+    # "pydoc_words" (embedded), "tiny_shakespeare" (TFDS), "wikitext103" (files).
     c.data.name = "digits"
     c.data.data_dir = ""  # TFDS data_dir ("" = ~/tensorflow_datasets); the folder of the WikiText-103 files
     c.data.image_size = 0  # imagenet2012: side of the square crops (0 = 224); other image sets have fixed sizes
@@ -132,7 +132,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 50
     c.optim.min_lr_ratio = 0.0  # cosine decays to learning_rate * min_lr_ratio
     c.optim.momentum = 0.9
-    c.optim.weight_decay = 0.0  # decoupled (AdamW / SGD + decay)
+    c.optim.weight_decay = 0.0  # Adam: decoupled (AdamW); SGD: added to the gradient before momentum
     c.optim.clip_norm = 1.0  # global-norm gradient clipping; 0 disables
 
     c.eval = ml_collections.ConfigDict()
@@ -200,7 +200,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     )
     _require(isinstance(c.data.augment, bool), f"data.augment must be True or False, got {c.data.augment!r}")
     _require(
-        c.data.validation_fraction == 0 or (0 < c.data.validation_fraction < 1 and c.data.name in ("digits", "cifar10")),
+        c.data.validation_fraction == 0
+        or (0 < c.data.validation_fraction < 1 and c.data.name in ("digits", "cifar10")),
         f"data.validation_fraction must be 0, or in (0, 1) for digits and cifar10 (imagenet2012 and the text sets "
         f"have their own validation splits), got {c.data.validation_fraction}",
     )
@@ -234,7 +235,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     )
     for part in ("forward", "backward"):
         s = c[part]
-        _require(s.solver in solvers.SOLVERS, f"{part}.solver must be one of {sorted(solvers.SOLVERS)}, got {s.solver!r}")
+        _require(
+            s.solver in solvers.SOLVERS, f"{part}.solver must be one of {sorted(solvers.SOLVERS)}, got {s.solver!r}"
+        )
         _require(s.max_steps >= 1 and s.tol > 0, f"{part}.max_steps must be >= 1 and {part}.tol > 0")
         _require(s.stop_mode in ("rel", "abs"), f"{part}.stop_mode must be 'rel' or 'abs', got {s.stop_mode!r}")
         _require(
@@ -258,7 +261,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     j = c.jr
     _require(j.gamma >= 0, f"jr.gamma must be >= 0, got {j.gamma}")
     _require(j.pretrain_gamma >= 0, f"jr.pretrain_gamma must be >= 0, got {j.pretrain_gamma}")
-    _require(j.stop_step == -1 or j.stop_step >= 0, f"jr.stop_step must be -1 (never) or a step >= 0, got {j.stop_step}")
+    _require(
+        j.stop_step == -1 or j.stop_step >= 0, f"jr.stop_step must be -1 (never) or a step >= 0, got {j.stop_step}"
+    )
     _require(j.num_probes >= 1, "jr.num_probes must be >= 1")
     _require(j.mode in JR_MODES, f"jr.mode must be one of {JR_MODES}, got {j.mode!r}")
     _require(0 <= j.prob <= 1, f"jr.prob must be in [0, 1], got {j.prob}")

@@ -6,8 +6,8 @@
     import jax
 
 :func:`apply` adds ``--xla_cpu_experimental_ynn_fusion_type=individual_dot
---xla_cpu_copy_insertion_use_region_analysis=true`` to ``XLA_FLAGS`` (see README "CPU
-performance notes"); a user's own ``XLA_FLAGS`` come last and win. Every script that trains
+--xla_cpu_copy_insertion_use_region_analysis=true`` to ``XLA_FLAGS`` (see docs/performance.md,
+"CPU notes"); a user's own ``XLA_FLAGS`` come last and win. Every script that trains
 calls it, so that a run gives the same numbers whichever script starts it: unregularized
 DEQ training is chaotic enough that a different float rounding order changes its outcome.
 Importing this module changes nothing (tests import the scripts without these flags).

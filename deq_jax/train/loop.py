@@ -21,7 +21,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deq_jax.train import checkpoint, objective, plots, step as step_lib
+from deq_jax.train import checkpoint, objective, plots
+from deq_jax.train import step as step_lib
 from deq_jax.train.config import budgets, resolve
 from deq_jax.train.metrics import MetricsWriter, read
 from deq_jax.train.optim import make_optimizer
@@ -326,9 +327,10 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
                 for row in rows:
                     writer.write(row)
                 bar.write(
-                    f"step {done_steps}: {task.eval_split} {_quality(rows[0], task)} | fwd steps {rows[0]['steps']:.2f} "
-                    f"(to tol {rows[0]['steps_to_tol']:.2f}) | rel residual {rows[0]['residual']:.2e} | "
-                    f"||J||_F^2/d {rows[0]['jac']:.3e}" + (f" | rho {rows[0]['spectral']:.3f}" if "spectral" in rows[0] else "")
+                    f"step {done_steps}: {task.eval_split} {_quality(rows[0], task)} | "
+                    f"fwd steps {rows[0]['steps']:.2f} (to tol {rows[0]['steps_to_tol']:.2f}) | "
+                    f"rel residual {rows[0]['residual']:.2e} | ||J||_F^2/d {rows[0]['jac']:.3e}"
+                    + (f" | rho {rows[0]['spectral']:.3f}" if "spectral" in rows[0] else "")
                 )
             tick += time.perf_counter() - t0  # evaluation time is not training time
         if lead and (done_steps % c.train.checkpoint_every == 0 or final):

@@ -1,7 +1,9 @@
 """``metrics.jsonl``: one JSON object per line, appended and flushed as training goes.
 
-Rows have ``"kind"``: ``"train"`` (means over a log interval), ``"eval"`` (test set at
-the trained step limit) or ``"budget"`` (test set at a fixed forward step budget).
+Rows have ``"kind"``: ``"train"`` (means over a log interval), ``"eval"`` (the task's
+first evaluation split, validation where there is one, at the trained step limit),
+``"budget"`` (that split at a fixed forward step budget) or ``"final"`` (each other split,
+e.g. the test set, once at the end); every evaluation row names its ``"split"``.
 """
 
 from __future__ import annotations

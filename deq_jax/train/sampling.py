@@ -40,9 +40,12 @@ def open_run(run_dir: str | os.PathLike):
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json)")
     c = resolve(json.loads(config_path.read_text()))
     task = make_task(c)
-    template = jax.eval_shape(
-        lambda: task.model.init(jax.random.key(0), jnp.zeros(task.sample_input.shape, task.sample_input.dtype), unroll=1)
-    )["params"]
+
+    def init():
+        sample = jnp.zeros(task.sample_input.shape, task.sample_input.dtype)
+        return task.model.init(jax.random.key(0), sample, unroll=1)
+
+    template = jax.eval_shape(init)["params"]
     return c, task, template
 
 
@@ -78,7 +81,9 @@ def generate(task: Task, params, c, prompt: str, *, length: int, temperature: fl
 
     ``temperature`` 0 picks the most likely token; otherwise token t is drawn from
     ``softmax(logits / temperature)`` with the key ``fold_in(key(seed), t)``, so the same
-    seed gives the same text.
+    seed gives the same text. Each token is predicted from the last ``train.seq_len``
+    tokens alone: a model with segment memory (``model.mem_len``) samples with an empty
+    memory.
     """
     if not task.language:
         raise ValueError(f"{task.name} is not a language-modelling run; nothing to sample")

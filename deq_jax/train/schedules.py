@@ -23,7 +23,8 @@ gives the weight for step t + 1. All functions are jittable.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

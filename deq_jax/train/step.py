@@ -23,13 +23,14 @@ branches): 2.3x the step time of the digits config.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
-import numpy as np
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -271,7 +272,9 @@ def make_train_step(
             & all_finite(grads)
         )
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        params, opt_state, new_gamma = keep((params, opt_state, new_gamma), (state.params, state.opt_state, state.gamma))
+        params, opt_state, new_gamma = keep(
+            (params, opt_state, new_gamma), (state.params, state.opt_state, state.gamma)
+        )
         if memory is not None:  # a skipped step's segment is not context for the next one
             memory = memory._replace(valid=memory.valid & finite)
         metrics |= {
@@ -384,7 +387,8 @@ def init_state(model: nn.Module, c, tx: optax.GradientTransformation, sample_inp
 
     @functools.partial(jax.jit, out_shardings=state_sharding(mesh, TrainState(None, None, None, None, memory)))
     def init():
-        params = model.init(jax.random.key(c.seed), jnp.zeros(sample_input.shape, sample_input.dtype), unroll=1)["params"]
+        sample = jnp.zeros(sample_input.shape, sample_input.dtype)
+        params = model.init(jax.random.key(c.seed), sample, unroll=1)["params"]
         return TrainState(jnp.int32(0), params, tx.init(params), schedule.init(), memory)
 
     return init()

@@ -5,7 +5,7 @@ Two tasks share one loop, one train step and one eval step:
 * image classification (``digits``, ``cifar10`` in memory; ``imagenet2012`` streamed)
   with an :class:`~deq_jax.models.MDEQ`: inputs ``[B, H, W, C]`` float32, targets ``[B]``
   int32;
-* language modelling (``pydoc``, ``tiny_shakespeare``, ``wikitext103``) with a
+* language modelling (``pydoc``, ``pydoc_words``, ``tiny_shakespeare``, ``wikitext103``) with a
   :class:`~deq_jax.models.DEQTransformer`: inputs and targets ``[B, T]`` int32 (the next
   tokens).
 
@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import flax.linen as nn
 import numpy as np
 
 from deq_jax.data import pipeline, text
-from deq_jax.train import config as config_lib
 from deq_jax.models import MDEQ, DEQTransformer
+from deq_jax.train import config as config_lib
 
 Batch = tuple[np.ndarray, np.ndarray]
 EvalBatch = tuple[np.ndarray, np.ndarray, np.ndarray]

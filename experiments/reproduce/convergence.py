@@ -120,7 +120,7 @@ def plot(groups: dict[str, list[dict]], out: Path) -> list[Path]:
     paths = []
     for key, what in (("forward", "forward solve z = f(z)"), ("backward", "backward (adjoint) solve u = u J + g")):
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
-        for name, rs in groups.items():
+        for _name, rs in groups.items():
             r0 = rs[0]
             x = np.arange(len(r0[key]))
             color = figures.seed_lines(ax, x, [r[key] for r in rs], f"{r0['label']}, memory {r0['memory']}",

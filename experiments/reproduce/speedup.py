@@ -93,7 +93,8 @@ def configs(size: str = "small", gammas: dict | None = None, jr_limit: int = 6, 
     common = {"steps": train_steps, "validation": validation}
     made = [runs.digits(size, gamma=g, limit=jr_limit, bwd_limit=jr_bwd_limit, jr={"prob": p}, **common)
             for p, values in gammas.items() for g in values]
-    made += [runs.digits(size, gamma=0.0, limit=fwd, bwd_limit=bwd, **common) for fwd, bwd in parse_limits(limits, bwd_limit)]
+    made += [runs.digits(size, gamma=0.0, limit=fwd, bwd_limit=bwd, **common)
+             for fwd, bwd in parse_limits(limits, bwd_limit)]
     return dict(made)
 
 
@@ -250,7 +251,8 @@ def _ratio_verdict(r: list[float]) -> str:
     if not math.isfinite(sd):
         return "spread unknown (one seed)"
     if abs(mean - 1) > sd:
-        return ("JR trains faster" if mean > 1 else "JR trains slower") + " (the per-seed ratios differ from 1 by more than their sd)"
+        return (("JR trains faster" if mean > 1 else "JR trains slower")
+                + " (the per-seed ratios differ from 1 by more than their sd)")
     return "no difference beyond the spread (the per-seed ratios are within one sd of 1)"
 
 
@@ -267,13 +269,14 @@ def speedups(chosen: dict[float, dict], plain: list[dict]) -> tuple[list[str], d
         for p in sorted(plain, key=lambda p: p["limit"]):
             ok = not worse(p, jr)
             entry["by_limit"][p["limit"]] = {
-                "reaches_jr_quality": ok, **{f"{k}_ratio": ratios(p, jr, k) for k in ("deq_s", "pretrain_s", "total_s")}}
+                "reaches_jr_quality": ok,
+                **{f"{k}_ratio": ratios(p, jr, k) for k in ("deq_s", "pretrain_s", "total_s")}}
             cells = [runs.pm(entry["by_limit"][p["limit"]][f"{k}_ratio"], ".2f") + "×"
                      for k in ("deq_s", "pretrain_s", "total_s")]
             lines.append(f"| {jr['name']} | {p['name']} | {'yes' if ok else 'no'} | " + " | ".join(cells) + " |")
         numbers[prob] = entry
     lines += ["", runs.RULE, ""]
-    for prob, jr in sorted(chosen.items()):
+    for _prob, jr in sorted(chosen.items()):
         for p in sorted(plain, key=lambda p: p["limit"]):
             for key, what, fmt in (("final", f"{jr['split']} {jr['metric']}", quality),
                                    ("reported", f"{jr['reported_split']} {jr['metric']}", quality),
