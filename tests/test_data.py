@@ -18,6 +18,34 @@ def test_digits_split_is_deterministic_and_stratified():
     assert 0.0 <= a.train_images.min() and a.train_images.max() <= 1.0
 
 
+ROWS = np.array([1, 2, 5, 6, 13])  # a process's share of a batch (any ascending rows)
+
+
+def test_a_process_share_of_a_batch_is_those_rows_of_the_global_batch():
+    """What a process of a multi-process run loads is the same examples, crops and flips as
+    the rows it holds of the global batch: the batch does not depend on the process count."""
+    import dataclasses
+
+    ds = dataclasses.replace(data.load_digits(seed=0), crop_padding=1, flip=True)
+    images, labels = data.train_batch(ds, 7, 16, seed=3)
+    part_images, part_labels = data.train_batch(ds, 7, 16, seed=3, rows=ROWS)
+    np.testing.assert_array_equal(part_images, images[ROWS])
+    np.testing.assert_array_equal(part_labels, labels[ROWS])
+    for whole, part in zip(data.eval_batches(ds, 16), data.eval_batches(ds, 16, rows=ROWS), strict=True):
+        for a, b in zip(whole, part, strict=True):
+            np.testing.assert_array_equal(b, a[ROWS])
+
+    from deq_jax.data import text
+
+    tokens = np.arange(1000, dtype=np.int32)
+    whole, part = text.stream_batch(tokens, 3, 16, 8), text.stream_batch(tokens, 3, 16, 8, rows=ROWS)
+    for a, b in zip(whole, part, strict=True):
+        np.testing.assert_array_equal(b, a[ROWS])
+    for a, b in zip(text.eval_windows(tokens, 16, 8), text.eval_windows(tokens, 16, 8, rows=ROWS), strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(y, x[ROWS])
+
+
 def test_a_held_out_validation_split_is_disjoint_stratified_and_seeded():
     ds = data.load_digits(seed=0)
     train, held = data.hold_out(ds, 0.2, seed=0)

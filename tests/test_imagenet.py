@@ -94,6 +94,18 @@ def test_random_resized_crop_box_follows_its_rule():
 # --- batches --------------------------------------------------------------------------
 
 
+def test_a_process_share_of_a_batch_reads_only_those_rows():
+    ds = fake_dataset()
+    rows = np.array([0, 2, 3])
+    x, y = ds.train_batch(5, 4, seed=0)
+    xr, yr = ds.train_batch(5, 4, seed=0, rows=rows)  # the same crops: keyed by the position in the batch
+    np.testing.assert_array_equal(xr, x[rows])
+    np.testing.assert_array_equal(yr, y[rows])
+    for whole, part in zip(ds.eval_batches(4), ds.eval_batches(4, rows=rows), strict=True):
+        for a, b in zip(whole, part, strict=True):
+            np.testing.assert_array_equal(b, a[rows])
+
+
 def test_train_batches_are_pure_functions_of_seed_and_step():
     ds = fake_dataset()
     x1, y1 = ds.train_batch(5, 4, seed=0)

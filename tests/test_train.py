@@ -18,10 +18,10 @@ import pytest
 
 from deq_jax import data
 from deq_jax.models import MDEQ
+from deq_jax.train import checkpoint, objective, schedules
 from deq_jax.train import config as config_lib
 from deq_jax.train import loop as loop_lib
 from deq_jax.train import metrics as metrics_lib
-from deq_jax.train import objective, schedules
 from deq_jax.train import step as step_lib
 from deq_jax.train.optim import make_optimizer
 
@@ -358,8 +358,8 @@ def _poisoned(monkeypatch, steps):
     def make_task(c):
         task = real(c)
 
-        def train_batch(step):
-            images, labels = task.train_batch(step)
+        def train_batch(step, rows=None):
+            images, labels = task.train_batch(step, rows)
             if step in steps:
                 images = images.copy()
                 images[0, 0, 0, 0] = np.nan
@@ -371,12 +371,13 @@ def _poisoned(monkeypatch, steps):
 
 
 def _checkpoints_are_finite(run):
-    import flax.serialization
+    import orbax.checkpoint as ocp
 
-    paths = list(run.glob("ckpt_*.msgpack"))
-    assert paths
-    for path in paths:
-        for leaf in jax.tree.leaves(flax.serialization.msgpack_restore(path.read_bytes())):
+    steps = checkpoint.steps(run)
+    assert steps
+    for step in steps:  # every array as saved, read without a template
+        path = run / checkpoint.ORBAX_DIR / str(step) / "default"
+        for leaf in jax.tree.leaves(ocp.PyTreeCheckpointer().restore(path)):
             assert np.all(np.isfinite(np.asarray(leaf, np.float64))), path
 
 
@@ -404,7 +405,7 @@ def test_consecutive_nan_steps_stop_the_run_with_finite_checkpoints(tmp_path, mo
     with pytest.raises(FloatingPointError, match=r"3 consecutive training steps \(5 to 7\).*NaN/Inf in the inputs"):
         train(c, tmp_path / "run", progress=False)
     _checkpoints_are_finite(tmp_path / "run")
-    assert sorted(int(p.stem.split("_")[1]) for p in (tmp_path / "run").glob("ckpt_*.msgpack")) == [4]
+    assert checkpoint.steps(tmp_path / "run") == [4]
 
 
 # --- devices ------------------------------------------------------------------------
@@ -489,12 +490,12 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_metrics(tmp_path):
     )
     proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(c), str(run)], cwd=ROOT)
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not list(run.glob("ckpt_*.msgpack")):
+    while time.time() < deadline and proc.poll() is None and not checkpoint.steps(run):
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = max(int(p.stem.split("_")[1]) for p in run.glob("ckpt_*.msgpack"))
+    killed_at = checkpoint.steps(run)[-1]
     assert killed_at < 24
 
     with pytest.raises(FileExistsError, match="--resume"):
@@ -504,7 +505,52 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_metrics(tmp_path):
     ref_rows = metrics_lib.read(tmp_path / "reference" / "metrics.jsonl")
     got_rows = metrics_lib.read(run / "metrics.jsonl")
     assert _comparable(got_rows) == _comparable(ref_rows)
-    assert sorted(int(p.stem.split("_")[1]) for p in run.glob("ckpt_*.msgpack")) == [20, 24]  # keep 2
+    assert checkpoint.steps(run) == [20, 24]  # keep 2
 
     with pytest.raises(ValueError, match="different config"):
         train(small_config(train={"num_steps": 24}, jr={"gamma": 3.0}), run, resume=True, progress=False)
+
+
+def test_sigterm_saves_at_the_next_log_boundary_and_prints_the_command_that_resumes(tmp_path):
+    """SIGTERM (SLURM, preemptible machines) or Ctrl-C: a checkpoint at the next log boundary,
+    one line with the resume command, exit status 128 + signal; resuming gives exactly the
+    metrics of an uninterrupted run of the same command (the command line sets XLA's CPU
+    flags, so the reference runs through it too)."""
+    overrides = small_config(train={"num_steps": 40, "checkpoint_every": 20})
+    config = tmp_path / "small.py"
+    config.write_text(
+        "from deq_jax.train.config import default_config\n\n\ndef get_config():\n    c = default_config()\n"
+        f"    for group, values in {overrides!r}.items():\n        c[group].update(values)\n    return c\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def start(run):
+        command = [sys.executable, "-m", "experiments.train", f"--config={config}", f"--workdir={run}", "--noprogress"]
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+    reference, run = tmp_path / "reference", tmp_path / "stopped"
+    procs = [start(reference), start(run)]
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and procs[1].poll() is None and not (run / "metrics.jsonl").exists():
+            time.sleep(0.05)
+        assert procs[1].poll() is None, procs[1].communicate()[0][-3000:]
+        procs[1].send_signal(signal.SIGTERM)
+        ref_out, out = (p.communicate(timeout=300)[0] for p in procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode == 0, ref_out[-3000:]
+    assert procs[1].returncode == 128 + signal.SIGTERM, out[-3000:]
+    stopped = checkpoint.steps(run)[-1]
+    assert stopped < 40 and stopped % 2 == 0, stopped  # a log boundary (log_every 2), before the end
+    match = re.search(rf"SIGTERM: stopped after step {stopped}, its checkpoint written; resume with:\n  (.+)\n", out)
+    assert match, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    resume = match.group(1).split()
+    assert resume[:3] == ["python3", "-m", "experiments.train"] and resume[-2:] == [f"--workdir={run}", "--resume"]
+    done = subprocess.run([sys.executable] + resume[1:], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert _comparable(metrics_lib.read(run / "metrics.jsonl")) == _comparable(
+        metrics_lib.read(reference / "metrics.jsonl"))

@@ -242,23 +242,27 @@ class StreamingImages:
             raise ValueError(f"batch_size {batch_size} exceeds the {n} training examples of {self.name}")
         return n // batch_size
 
-    def train_batch(self, step: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """The training batch of global step ``step``: ``([B, S, S, 3] float32, [B] int32)``."""
+    def train_batch(self, step: int, batch_size: int, seed: int, rows=None) -> tuple[np.ndarray, np.ndarray]:
+        """The training batch of global step ``step``: ``([B, S, S, 3] float32, [B] int32)``,
+        or only its ``rows`` (ascending positions in the batch; the others are not read)."""
         epoch, i = divmod(step, self.steps_per_epoch(batch_size))
         idx = epoch_order(seed, epoch, len(self.train_source))[i * batch_size : (i + 1) * batch_size]
+        positions = np.arange(batch_size) if rows is None else np.asarray(rows)
 
-        def one(k):
+        def one(j):
+            k = int(positions[j])  # the example's position in the global batch keys its crop
             example = self.train_source[int(idx[k])]
             if not self.augment:
                 return eval_image(example["image"], self.image_size), example["label"]
             rng = np.random.default_rng([seed, step, 1, k])
             return train_image(example["image"], rng, self.image_size), example["label"]
 
-        images, labels = zip(*_map(one, batch_size, self.num_workers))
+        images, labels = zip(*_map(one, len(positions), self.num_workers))
         return normalize(np.stack(images)), np.asarray(labels, np.int32)
 
-    def eval_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """The evaluation split in order, as ``(images [B, S, S, 3], labels [B], weights [B])``.
+    def eval_batches(self, batch_size: int, rows=None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The evaluation split in order, as ``(images [B, S, S, 3], labels [B], weights [B])``
+        (or only the batches' ``rows``).
 
         As :func:`~deq_jax.data.pipeline.eval_batches`: the last batch is padded with the
         first examples at weight 0, so every batch has exactly ``batch_size`` examples.
@@ -266,6 +270,8 @@ class StreamingImages:
         n = len(self.eval_source)
         for start in range(0, n, batch_size):
             idx = np.arange(start, start + batch_size)
+            if rows is not None:
+                idx = idx[np.asarray(rows)]
             weights = (idx < n).astype(np.float32)
             idx = np.where(idx < n, idx, idx % n)
 
@@ -273,7 +279,7 @@ class StreamingImages:
                 example = self.eval_source[int(idx[k])]
                 return eval_image(example["image"], self.image_size), example["label"]
 
-            images, labels = zip(*_map(one, batch_size, self.num_workers))
+            images, labels = zip(*_map(one, len(idx), self.num_workers))
             yield normalize(np.stack(images)), np.asarray(labels, np.int32), weights
 
 

@@ -1,9 +1,14 @@
 """Batches from in-memory arrays: seeded epoch shuffling, augmentation, normalization.
 
 Image data sets come in two kinds with one interface (``name``, ``num_classes``,
-``image_shape``, ``steps_per_epoch(batch)``, ``train_batch(step, batch, seed)``,
-``eval_batches(batch)``): :class:`Dataset` here (digits, CIFAR-10: arrays in memory) and
+``image_shape``, ``steps_per_epoch(batch)``, ``train_batch(step, batch, seed, rows)``,
+``eval_batches(batch, rows)``): :class:`Dataset` here (digits, CIFAR-10: arrays in memory) and
 :class:`~deq_jax.data.imagenet.StreamingImages` (ImageNet: read example by example).
+
+``rows`` (optional, ascending positions within the global batch) asks for a part of each
+batch: what one process of a multi-process run loads, decodes and augments. The global
+batch of a step is the same however it is split: the example at position k, and its
+augmentation, depend on ``(seed, step, k)`` alone.
 """
 
 from __future__ import annotations
@@ -48,13 +53,13 @@ class Dataset:
     def steps_per_epoch(self, batch_size: int) -> int:
         return steps_per_epoch(self, batch_size)
 
-    def train_batch(self, step: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    def train_batch(self, step: int, batch_size: int, seed: int, rows=None) -> tuple[np.ndarray, np.ndarray]:
         """:func:`train_batch` of this data set."""
-        return train_batch(self, step, batch_size, seed)
+        return train_batch(self, step, batch_size, seed, rows)
 
-    def eval_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def eval_batches(self, batch_size: int, rows=None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """:func:`eval_batches` of this data set."""
-        return eval_batches(self, batch_size)
+        return eval_batches(self, batch_size, rows)
 
 
 def normalize(dataset: Dataset, images: np.ndarray) -> np.ndarray:
@@ -65,22 +70,28 @@ def normalize(dataset: Dataset, images: np.ndarray) -> np.ndarray:
     return (x - dataset.mean) / dataset.std
 
 
-def augment(images: np.ndarray, rng: np.random.Generator, crop_padding: int, flip: bool) -> np.ndarray:
+def augment(images: np.ndarray, rng: np.random.Generator, crop_padding: int, flip: bool,
+            rows: np.ndarray | None = None, batch_size: int | None = None) -> np.ndarray:
     """Random crop after zero padding by ``crop_padding`` pixels, then random horizontal flip.
 
-    ``images``: ``[B, H, W, C]``; returns the same shape and dtype.
+    ``images``: ``[B, H, W, C]``; returns the same shape and dtype. ``rows``/``batch_size``:
+    ``images`` are the examples at positions ``rows`` of a batch of ``batch_size``; the
+    draws are made for the whole batch, so each example gets the crop and flip it would
+    get in the whole batch.
     """
     b, h, w, _ = images.shape
+    n = b if batch_size is None else batch_size
+    pick = slice(None) if rows is None else np.asarray(rows)
     if crop_padding:
         p = crop_padding
         padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
-        dy = rng.integers(0, 2 * p + 1, size=b)
-        dx = rng.integers(0, 2 * p + 1, size=b)
-        rows = dy[:, None] + np.arange(h)[None, :]  # [B, H]
-        cols = dx[:, None] + np.arange(w)[None, :]  # [B, W]
-        images = padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+        dy = rng.integers(0, 2 * p + 1, size=n)[pick]
+        dx = rng.integers(0, 2 * p + 1, size=n)[pick]
+        ys = dy[:, None] + np.arange(h)[None, :]  # [B, H]
+        xs = dx[:, None] + np.arange(w)[None, :]  # [B, W]
+        images = padded[np.arange(b)[:, None, None], ys[:, :, None], xs[:, None, :]]
     if flip:
-        flipped = rng.random(b) < 0.5
+        flipped = (rng.random(n) < 0.5)[pick]
         images = np.where(flipped[:, None, None, None], images[:, :, ::-1], images)
     return images
 
@@ -92,8 +103,10 @@ def steps_per_epoch(dataset: Dataset, batch_size: int) -> int:
     return n // batch_size
 
 
-def train_batch(dataset: Dataset, step: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The training batch of global step ``step``: ``([B, H, W, C] float32, [B] int32)``.
+def train_batch(dataset: Dataset, step: int, batch_size: int, seed: int,
+                rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The training batch of global step ``step``: ``([B, H, W, C] float32, [B] int32)``,
+    or its ``rows`` (``B = len(rows)``).
 
     Epoch e visits the training set in the order ``permutation(seed, e)`` (the last
     partial batch is dropped); augmentation draws from ``(seed, step)``. Pure in its
@@ -103,14 +116,19 @@ def train_batch(dataset: Dataset, step: int, batch_size: int, seed: int) -> tupl
     epoch, i = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(len(dataset.train_labels))
     idx = order[i * batch_size : (i + 1) * batch_size]
+    if rows is not None:
+        idx = idx[np.asarray(rows)]
     images = dataset.train_images[idx]
     if dataset.crop_padding or dataset.flip:
-        images = augment(images, np.random.default_rng([seed, step, 1]), dataset.crop_padding, dataset.flip)
+        images = augment(images, np.random.default_rng([seed, step, 1]), dataset.crop_padding, dataset.flip,
+                         rows, batch_size)
     return normalize(dataset, images), dataset.train_labels[idx]
 
 
-def eval_batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The test set in order, as ``(images, labels, weights)`` batches of exactly ``batch_size``.
+def eval_batches(dataset: Dataset, batch_size: int,
+                 rows: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The test set in order, as ``(images, labels, weights)`` batches of exactly ``batch_size``
+    (or their ``rows``).
 
     The last batch is padded with copies of the first examples and weight 0, so that
     every batch has the same shape (one compilation) and shards evenly.
@@ -118,6 +136,8 @@ def eval_batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[np.ndarray
     n = len(dataset.test_labels)
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size)
+        if rows is not None:
+            idx = idx[np.asarray(rows)]
         weights = (idx < n).astype(np.float32)
         idx = np.where(idx < n, idx, idx % n)
         yield normalize(dataset, dataset.test_images[idx]), dataset.test_labels[idx], weights

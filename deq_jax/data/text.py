@@ -238,8 +238,10 @@ def stream_windows(tokens: np.ndarray, batch_size: int, seq_len: int) -> int:
     return windows
 
 
-def stream_batch(tokens: np.ndarray, step: int, batch_size: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Window ``step`` of B contiguous streams: ``(inputs [B, T], targets [B, T])``.
+def stream_batch(tokens: np.ndarray, step: int, batch_size: int, seq_len: int,
+                 rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Window ``step`` of B contiguous streams: ``(inputs [B, T], targets [B, T])``, or of
+    the streams ``rows`` only (one process's share; row k is always stream k).
 
     The stream is cut into B equal parts (the remainder dropped); window w covers
     positions ``[w T, (w + 1) T)`` of each part and the targets are the next tokens.
@@ -247,13 +249,14 @@ def stream_batch(tokens: np.ndarray, step: int, batch_size: int, seq_len: int) -
     """
     per_stream = (len(tokens) - 1) // batch_size
     start = (step % stream_windows(tokens, batch_size, seq_len)) * seq_len
-    rows = np.arange(batch_size)[:, None] * per_stream + start + np.arange(seq_len)[None, :]
-    return tokens[rows], tokens[rows + 1]
+    streams = np.arange(batch_size) if rows is None else np.asarray(rows)
+    positions = streams[:, None] * per_stream + start + np.arange(seq_len)[None, :]
+    return tokens[positions], tokens[positions + 1]
 
 
-def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int):
+def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int, rows: np.ndarray | None = None):
     """Every next-token prediction of a stream exactly once: ``(inputs, targets, weights)``,
-    each ``[B, T]``.
+    each ``[B, T]`` (or the parts ``rows`` only).
 
     The ``N - 1`` predictions are cut into B contiguous parts of ``ceil((N - 1) / B)``,
     served in length-T windows; positions past a part's end are padding with weight 0
@@ -265,8 +268,9 @@ def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int):
         raise ValueError(f"a stream of {len(tokens)} tokens has nothing to predict")
     per_part = -(-targets_n // batch_size)
     windows = -(-per_part // seq_len)
-    pos = np.arange(batch_size)[:, None] * per_part + np.arange(windows * seq_len)[None, :]  # [B, W T]
-    part_end = np.minimum((np.arange(batch_size)[:, None] + 1) * per_part, targets_n)
+    parts = np.arange(batch_size) if rows is None else np.asarray(rows)
+    pos = parts[:, None] * per_part + np.arange(windows * seq_len)[None, :]  # [B, W T]
+    part_end = np.minimum((parts[:, None] + 1) * per_part, targets_n)
     valid = pos < part_end
     pos = np.where(valid, pos, 0)
     for w in range(windows):

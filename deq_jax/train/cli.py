@@ -8,6 +8,9 @@ Usage (also what ``deq-jax-train --help`` prints, with the flags)::
         --config.data.data_dir=~/tensorflow_datasets --workdir=runs/cifar_tiny
     deq-jax-train --config=deq_jax/configs/lm_pydoc.py      # DEQ-Transformer, text
     deq-jax-train --workdir=runs/digits --resume            # continue a run
+    deq-jax-train --coordinator_address=10.0.0.1:4321 --num_processes=2 --process_id=0 \
+        --workdir=/shared/runs/digits                       # process 0 of 2, started by hand
+    deq-jax-train --config.multihost=True --workdir=...     # a cluster JAX detects (SLURM, TPU)
 
 ``--config`` is an ``ml_collections`` config file; the default is ``digits.py`` in
 :mod:`deq_jax.configs`. Unknown ``--config.*`` keys are errors. Prints where the run folder
@@ -30,18 +33,43 @@ from ml_collections import config_flags
 from deq_jax.train import cpu_flags
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "digits.py")
-_FLAG_NAMES = ("config", "workdir", "resume", "progress")
+_FLAG_NAMES = ("config", "workdir", "resume", "progress", "coordinator_address", "num_processes", "process_id")
 
 config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run folder (default: runs/<config name>_<date-time>).")
 flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its newest checkpoint.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0 in a multi-process run started by hand (with --num_processes and "
+                    "--process_id); without them, --config.multihost=True uses JAX's cluster detection.")
+flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run started by hand.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, --num_processes).")
 FLAGS = flags.FLAGS
 
 
 def _default_workdir() -> str:
     name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
     return os.path.join("runs", f"{name}_{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def resume_command(argv: list[str], workdir: str) -> str:
+    """The command line that continues the run of ``argv`` (this command's) in ``workdir``."""
+    import shlex
+
+    program = argv[0]
+    if program.endswith(os.path.join("experiments", "train.py")):
+        head = ["python3", "-m", "experiments.train"]
+    elif os.path.basename(program) == "deq-jax-train":
+        head = ["deq-jax-train"]
+    else:
+        head = ["python3", program]
+    keep, args = [], iter(argv[1:])
+    for a in args:
+        if a in ("--workdir", "-workdir"):
+            next(args, None)  # its value
+        elif not a.lstrip("-").startswith(("workdir=", "resume", "noresume")):
+            keep.append(a)
+    return shlex.join(head + keep + [f"--workdir={workdir}", "--resume"])
 
 
 def main(argv):
@@ -51,17 +79,27 @@ def main(argv):
     cpu_flags.apply()  # before jax's backend starts: faster CPU code, same math
     logging.set_verbosity(logging.WARNING)  # absl's INFO lines (e.g. "no TPU") are noise here
     config = FLAGS.config
-    if config.multihost:
-        import jax
+    by_hand = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if config.multihost or any(v is not None for v in by_hand):
+        from deq_jax.train import distributed
 
-        jax.distributed.initialize()
+        try:
+            distributed.initialize(*by_hand)
+        except ValueError as e:
+            raise app.UsageError(str(e)) from None
 
     from deq_jax.train.loop import describe, train
+    from deq_jax.train.preemption import Interrupted
 
     if FLAGS.resume and not FLAGS.workdir:
         raise app.UsageError("--resume needs --workdir, the run folder to continue")
     workdir = FLAGS.workdir or _default_workdir()
-    summary = train(config, workdir, resume=FLAGS.resume, progress=FLAGS.progress)
+    try:
+        summary = train(config, workdir, resume=FLAGS.resume, progress=FLAGS.progress)
+    except Interrupted as stop:
+        print(f"\n{stop.signal_name}: stopped after step {stop.step}, its checkpoint written; resume with:\n"
+              f"  {resume_command(sys.argv, workdir)}", flush=True)
+        sys.exit(stop.exit_code)
     print(f"\nrun folder: {summary['run_dir']}")
     print(f"plots:      {', '.join(summary.get('plots', []))}")
     print(describe(summary))

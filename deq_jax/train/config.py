@@ -142,7 +142,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.jac_probes = 4
     c.eval.spectral_iters = 100  # power-method VJPs for the spectral radius of J_f(z*); 0 skips it
 
-    c.multihost = False  # call jax.distributed.initialize() first
+    # Join a multi-process run that JAX detects (SLURM, Open MPI, Kubernetes, Cloud TPU); processes
+    # started by hand take the --coordinator_address, --num_processes and --process_id flags instead.
+    c.multihost = False
     return c
 
 

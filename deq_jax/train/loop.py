@@ -3,8 +3,11 @@
     summary = deq_jax.train.train(config, "runs/digits")
 
 A run folder holds ``config.json`` (the resolved config), ``metrics.jsonl``,
-``ckpt_<step>.msgpack`` (the last ``train.keep_checkpoints``), ``summary.json`` and
-``plots/``. ``train(..., resume=True)`` continues from the newest checkpoint; since
+``checkpoints/<step>/`` (Orbax; the last ``train.keep_checkpoints``), ``summary.json`` and
+``plots/``. On several processes (:mod:`deq_jax.train.distributed`) each loads only its rows
+of every batch, all save and restore the checkpoints together, and process 0 writes the rest.
+SIGTERM or SIGINT stops a run at the next log boundary with a checkpoint
+(:mod:`deq_jax.train.preemption`). ``train(..., resume=True)`` continues from the newest checkpoint; since
 batches and all randomness are functions of ``(seed, step)`` and checkpoints fall on
 log boundaries, the resumed run writes the same metrics as an uninterrupted one
 (timings aside).
@@ -17,11 +20,12 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deq_jax.train import checkpoint, objective, plots
+from deq_jax.train import checkpoint, objective, plots, preemption
 from deq_jax.train import step as step_lib
 from deq_jax.train.config import budgets, resolve
 from deq_jax.train.metrics import MetricsWriter, read
@@ -32,14 +36,9 @@ TIMING_KEYS = ("step_time", "data_time", "examples_per_s", "train_time_s", "devi
 SHORT = {"accuracy": "acc", "perplexity": "ppl", "bpc": "bpc"}  # progress-bar names
 
 
-def _global_array(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A global array from the (identical) host copy on every process, each sending its shards."""
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-
-
-def _global_tree(tree, sharding: NamedSharding):
-    """Every leaf of ``tree`` (host arrays, or None) as a global array with ``sharding``."""
-    return jax.tree.map(lambda leaf: _global_array(np.asarray(leaf), sharding), tree)
+def _global_tree(tree, sharding: NamedSharding, rows: np.ndarray | None, batch_size: int):
+    """Every leaf of ``tree`` (this process's rows of a batch, or None) as a global array."""
+    return jax.tree.map(lambda leaf: step_lib.global_batch(leaf, sharding, rows, batch_size), tree)
 
 
 def _config_json(c) -> dict:
@@ -79,16 +78,20 @@ def evaluate_split(eval_fn, params, task: Task, mesh, limit: int, split: str) ->
     from it), per-example solver means (steps, converged, residual), f evaluations per
     batch, and the Jacobian norm / spectral radius if ``eval_fn`` measures them."""
     data_sharding = NamedSharding(mesh, P(step_lib.DATA))
+    size = task.eval_batch_size
+    rows = step_lib.process_rows(data_sharding, size)  # each process loads its share of every batch
     # Batches are made again for every pass (none is kept: ImageNet's would not fit).
     # A model with segment memory carries it from batch to batch: each row of the eval
     # batches is one contiguous stream, so every token is scored with up to mem_len
-    # tokens of context from the batches before.
+    # tokens of context from the batches before. The sums are over the whole global batch
+    # (the eval step reduces over every device), the same on every process.
     totals, first, batches = {}, 0, 0
     memory = None
-    for batch in task.eval_sets[split]():
-        inputs, targets, weights = (_global_array(a, data_sharding) for a in batch)
+    for batch in task.eval_sets[split](rows):
+        inputs, targets, weights = (step_lib.global_batch(a, data_sharding, rows, size) for a in batch)
         if memory is None:
-            memory = _global_tree(objective.initial_memory(task.model, inputs.shape[0]), data_sharding)
+            local = objective.initial_memory(task.model, len(batch[0]))
+            memory = _global_tree(local, data_sharding, rows, size)
         sums, memory = eval_fn(params, np.int32(limit), inputs, targets, weights, np.int32(first), memory)
         first, batches = first + len(inputs), batches + 1
         for k, v in jax.device_get(sums).items():
@@ -192,23 +195,32 @@ def _check_skips(skipped: list[float], first_step: int, streak: tuple[int, int],
     return length, start
 
 
+@jax.jit
+def _finite(tree) -> jax.Array:
+    """Whether every float leaf of ``tree`` is finite, reduced on the devices (a leaf sharded
+    over several processes is never fetched), the same answer on every process."""
+    leaves = [leaf for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])) if leaves else jnp.bool_(True)
+
+
 def _all_finite(tree) -> bool:
-    return all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(jax.device_get(tree))
-               if np.issubdtype(np.asarray(leaf).dtype, np.inexact))
+    return bool(_finite(tree))
 
 
 def _check_same_start(start: int, run_dir: Path) -> None:
-    """On several hosts every process restores from ``run_dir``, which process 0 writes: all
-    must have found the same checkpoint (``run_dir`` on a filesystem every host shares)."""
+    """On several hosts every process restores from ``run_dir`` and writes to it together:
+    all must have found the same newest checkpoint (``run_dir`` on a filesystem every host
+    shares, or cloud storage). Otherwise every process stops with an error listing them."""
     if jax.process_count() == 1:
         return
     from jax.experimental import multihost_utils
 
-    lead_start = int(multihost_utils.broadcast_one_to_all(np.int64(start)))
-    if lead_start != start:
+    found = [int(s) for s in np.ravel(multihost_utils.process_allgather(np.int64(start)))]
+    if len(set(found)) > 1:
+        steps = ", ".join(f"process {i}: {s or 'none'}" for i, s in enumerate(found))
         raise RuntimeError(
-            f"process {jax.process_index()} resumes from step {start} but process 0 from step {lead_start}: "
-            f"{run_dir} must be a folder every host shares (process 0 writes it, every process reads it)")
+            f"the processes found different newest checkpoints in {run_dir} ({steps}): the run folder must be "
+            "one folder that every host shares (a shared filesystem or cloud storage), not a copy per host")
 
 
 def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> dict:
@@ -224,8 +236,6 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
     Returns:
       The summary dict (also written to ``summary.json`` when the run completes).
     """
-    from tqdm.auto import tqdm
-
     c = resolve(config)
     run_dir = Path(run_dir)
     lead = jax.process_index() == 0
@@ -240,11 +250,32 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
     tx, lr = make_optimizer(c)
     state = step_lib.init_state(model, c, tx, task.sample_input, mesh)
     writer = MetricsWriter(run_dir / "metrics.jsonl")
+    _sync("run folder ready")  # process 0 made it: the others open its checkpoints
+    ckpts = checkpoint.Checkpoints(run_dir, c.train.keep_checkpoints)
+    try:
+        return _train(c, run_dir, resume, progress, task, mesh, tx, lr, state, writer, ckpts)
+    finally:
+        ckpts.close()  # waits for the last save; raises its error
+
+
+def _sync(name: str) -> None:
+    """A barrier across the processes of a multi-process run (nothing on one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _train(c, run_dir: Path, resume: bool, progress: bool, task: Task, mesh, tx, lr, state, writer, ckpts) -> dict:
+    """The training loop of :func:`train`, from its newest checkpoint when ``resume``."""
+    from tqdm.auto import tqdm
+
+    lead, model = jax.process_index() == 0, task.model
     start, train_time = 0, 0.0
-    if resume and checkpoint.steps(run_dir):
-        host_state, start = checkpoint.restore(run_dir, state)
-        state = jax.device_put(host_state, NamedSharding(mesh, P()))
-    _check_same_start(start, run_dir)
+    found = ckpts.steps() if resume else []
+    _check_same_start(found[-1] if found else 0, run_dir)
+    if found:  # restored into the live state's shardings (the memory stays split over `data`)
+        state, start = ckpts.restore(state)
     if lead:
         writer.truncate_after(start)
         done = [r for r in read(writer.path) if r["kind"] == "train"] if writer.path.exists() else []
@@ -255,6 +286,8 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
         "plain": step_lib.make_eval_step(model, c, mesh, with_jacobian=False),
     }
     data_sharding = NamedSharding(mesh, P(step_lib.DATA))
+    batch_size = c.train.batch_size
+    share = step_lib.process_rows(data_sharding, batch_size)  # this process's rows of every batch
     bar = tqdm(
         total=c.train.num_steps,
         initial=start,
@@ -267,79 +300,89 @@ def train(config, run_dir, *, resume: bool = False, progress: bool = True) -> di
     # flipped on the host (step_lib.jr_coin), so a step without JR pays nothing for it.
     compiled, compile_s, step_mb = {}, {}, {}
     streak = (0, 0)  # consecutive skipped steps, and the first of them
-    for s in range(start, c.train.num_steps):
-        t_data = time.perf_counter()  # the host prepares batch s while the device runs step s - 1
-        inputs, targets = task.train_batch(s)
-        if state.memory is not None and task.stream_start(s):  # the windows start over: no context
-            state = state.replace(memory=_global_tree(objective.initial_memory(model, c.train.batch_size),
-                                                      data_sharding))
-        mode = "unrolled" if s < c.train.pretrain_steps else "deq"
-        kind = (mode, step_lib.jr_coin(c, s, mode))
-        inputs, targets = _global_array(inputs, data_sharding), _global_array(targets, data_sharding)
-        data_s += time.perf_counter() - t_data
-        if kind not in compiled:  # compiled ahead of time, so that training time excludes it
-            t0 = time.perf_counter()
-            step_fn = step_lib.make_train_step(model, c, tx, lr, mesh, mode, jr=kind[1])
-            compiled[kind] = step_fn.lower(state, inputs, targets).compile()
-            name = mode + ("+jr" if kind[1] else "")
-            compile_s[name] = time.perf_counter() - t0
-            step_mb[kind] = _executable_mb(compiled[kind])
-            tick += compile_s[name]
-        state, metrics = compiled[kind](state, inputs, targets)
-        history.append(metrics)
-        bar.update(1)
-        done_steps = s + 1
-        if done_steps % c.train.log_every == 0 or done_steps == c.train.num_steps:
-            history = jax.device_get(history)
-            row = _mean_rows(history)
-            row |= task.derived(row["loss"])
-            elapsed = time.perf_counter() - tick
-            train_time += elapsed
-            row |= {
-                "step_time": elapsed / len(history),
-                # Host time per step spent on the batch (loading, augmenting, device_put).
-                # Dispatch is asynchronous, so it overlaps the device's work unless it is
-                # about as long as step_time: then the device waits for data.
-                "data_time": data_s / len(history),
-                "examples_per_s": len(history) * c.train.batch_size / elapsed,
-                "train_time_s": train_time,
-                "step_memory_mb": max(mb for k, mb in step_mb.items() if k[0] == mode),
-                "device_peak_mb": _device_peak_mb(),
-            }
-            if lead:
-                writer.write({"step": done_steps, "kind": "train", "mode": mode, **row})
-            bar.set_postfix(
-                loss=f"{row['loss']:.3f}",
-                **{SHORT[task.main_metric]: f"{row[task.main_metric]:.3f}"},
-                fwd=f"{row['fwd_steps']:.1f}",
-                res=f"{row['fwd_residual']:.1e}",
-                jr=f"{row['jr']:.2e}",
-                gamma=f"{row['gamma']:.2f}",
-            )
-            skipped = [float(h["skipped"]) for h in history]
-            streak = _check_skips(skipped, done_steps - len(history), streak, c.train.max_skipped_steps, row)
-            history, tick, data_s = [], time.perf_counter(), 0.0
-        final = done_steps == c.train.num_steps
-        if done_steps % c.train.eval_every == 0 or final:
-            t0 = time.perf_counter()
-            rows = evaluate(eval_fns, state.params, task, c, mesh, done_steps, final)
-            if lead:
-                for row in rows:
-                    writer.write(row)
-                bar.write(
-                    f"step {done_steps}: {task.eval_split} {_quality(rows[0], task)} | "
-                    f"fwd steps {rows[0]['steps']:.2f} (to tol {rows[0]['steps_to_tol']:.2f}) | "
-                    f"rel residual {rows[0]['residual']:.2e} | ||J||_F^2/d {rows[0]['jac']:.3e}"
-                    + (f" | rho {rows[0]['spectral']:.3f}" if "spectral" in rows[0] else "")
+    with preemption.watch() as requested:
+        for s in range(start, c.train.num_steps):
+            stopping = None
+            t_data = time.perf_counter()  # the host prepares batch s while the device runs step s - 1
+            inputs, targets = task.train_batch(s, share)
+            if state.memory is not None and task.stream_start(s):  # the windows start over: no context
+                empty = objective.initial_memory(model, len(inputs))
+                state = state.replace(memory=_global_tree(empty, data_sharding, share, batch_size))
+            mode = "unrolled" if s < c.train.pretrain_steps else "deq"
+            kind = (mode, step_lib.jr_coin(c, s, mode))
+            inputs = step_lib.global_batch(inputs, data_sharding, share, batch_size)
+            targets = step_lib.global_batch(targets, data_sharding, share, batch_size)
+            data_s += time.perf_counter() - t_data
+            if kind not in compiled:  # compiled ahead of time, so that training time excludes it
+                t0 = time.perf_counter()
+                step_fn = step_lib.make_train_step(model, c, tx, lr, mesh, mode, jr=kind[1])
+                compiled[kind] = step_fn.lower(state, inputs, targets).compile()
+                name = mode + ("+jr" if kind[1] else "")
+                compile_s[name] = time.perf_counter() - t0
+                step_mb[kind] = _executable_mb(compiled[kind])
+                tick += compile_s[name]
+            state, metrics = compiled[kind](state, inputs, targets)
+            history.append(metrics)
+            bar.update(1)
+            done_steps = s + 1
+            if done_steps % c.train.log_every == 0 or done_steps == c.train.num_steps:
+                history = jax.device_get(history)
+                row = _mean_rows(history)
+                row |= task.derived(row["loss"])
+                elapsed = time.perf_counter() - tick
+                train_time += elapsed
+                row |= {
+                    "step_time": elapsed / len(history),
+                    # Host time per step spent on the batch (loading, augmenting, device_put).
+                    # Dispatch is asynchronous, so it overlaps the device's work unless it is
+                    # about as long as step_time: then the device waits for data.
+                    "data_time": data_s / len(history),
+                    "examples_per_s": len(history) * c.train.batch_size / elapsed,
+                    "train_time_s": train_time,
+                    "step_memory_mb": max(mb for k, mb in step_mb.items() if k[0] == mode),
+                    "device_peak_mb": _device_peak_mb(),
+                }
+                if lead:
+                    writer.write({"step": done_steps, "kind": "train", "mode": mode, **row})
+                bar.set_postfix(
+                    loss=f"{row['loss']:.3f}",
+                    **{SHORT[task.main_metric]: f"{row[task.main_metric]:.3f}"},
+                    fwd=f"{row['fwd_steps']:.1f}",
+                    res=f"{row['fwd_residual']:.1e}",
+                    jr=f"{row['jr']:.2e}",
+                    gamma=f"{row['gamma']:.2f}",
                 )
-            tick += time.perf_counter() - t0  # evaluation time is not training time
-        if lead and (done_steps % c.train.checkpoint_every == 0 or final):
-            if not _all_finite(state):  # skipped steps make this unreachable; checked all the same
-                raise FloatingPointError(
-                    f"the training state at step {done_steps} is not finite; no checkpoint was written for it "
-                    "(the earlier ones are finite)"
-                )
-            checkpoint.save(run_dir, done_steps, state, c.train.keep_checkpoints)
+                skipped = [float(h["skipped"]) for h in history]
+                streak = _check_skips(skipped, done_steps - len(history), streak, c.train.max_skipped_steps, row)
+                history, tick, data_s = [], time.perf_counter(), 0.0
+                # A signal stops the run here, at a log boundary: its checkpoint resumes to
+                # exactly the metrics of an uninterrupted run. Every process stops at the same step.
+                stopping = preemption.agreed(requested())
+            final = done_steps == c.train.num_steps
+            if done_steps % c.train.eval_every == 0 or final:
+                t0 = time.perf_counter()
+                rows = evaluate(eval_fns, state.params, task, c, mesh, done_steps, final)
+                if lead:
+                    for row in rows:
+                        writer.write(row)
+                    bar.write(
+                        f"step {done_steps}: {task.eval_split} {_quality(rows[0], task)} | "
+                        f"fwd steps {rows[0]['steps']:.2f} (to tol {rows[0]['steps_to_tol']:.2f}) | "
+                        f"rel residual {rows[0]['residual']:.2e} | ||J||_F^2/d {rows[0]['jac']:.3e}"
+                        + (f" | rho {rows[0]['spectral']:.3f}" if "spectral" in rows[0] else "")
+                    )
+                tick += time.perf_counter() - t0  # evaluation time is not training time
+            if done_steps % c.train.checkpoint_every == 0 or final or stopping:  # every process saves its shards
+                if not _all_finite(state):  # skipped steps make this unreachable; checked all the same
+                    raise FloatingPointError(
+                        f"the training state at step {done_steps} is not finite; no checkpoint was written for it "
+                        "(the earlier ones are finite)"
+                    )
+                ckpts.save(done_steps, state)  # asynchronous: the write overlaps the next steps
+            if stopping and not final:
+                bar.close()
+                ckpts.wait()
+                raise preemption.Interrupted(done_steps, stopping, str(run_dir))
     bar.close()
     return _finish(run_dir, lead, task, compile_s)
 

@@ -67,6 +67,31 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(devices, (DATA,))
 
 
+def process_rows(sharding: NamedSharding, batch_size: int) -> np.ndarray | None:
+    """The rows of a ``[batch_size, ...]`` global batch that this process's devices hold under
+    ``sharding`` (ascending), or None when it holds all of them (one process). What a
+    process loads: each loads only its share of every batch."""
+    held = set()
+    for index in sharding.addressable_devices_indices_map((batch_size,)).values():
+        held.update(range(*index[0].indices(batch_size)))
+    return None if len(held) == batch_size else np.array(sorted(held), np.int64)
+
+
+def global_batch(local: np.ndarray, sharding: NamedSharding, rows: np.ndarray | None, batch_size: int) -> Array:
+    """The global ``[batch_size, ...]`` array whose rows ``rows`` (None: all) are ``local``:
+    each process passes its own share and its devices take their shards from it."""
+    local = np.asarray(local)
+    shape = (batch_size,) + local.shape[1:]
+    if rows is None:
+        return jax.make_array_from_callback(shape, sharding, lambda index: local[index])
+
+    def shard(index):
+        start, stop, _ = index[0].indices(batch_size)
+        return local[(np.searchsorted(rows, np.arange(start, stop)),) + tuple(index[1:])]
+
+    return jax.make_array_from_callback(shape, sharding, shard)
+
+
 def check_batch(batch_size: int, mesh: Mesh, what: str = "train.batch_size") -> None:
     n = mesh.devices.size
     if batch_size % n:

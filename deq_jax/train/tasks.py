@@ -42,26 +42,31 @@ class Task:
         or :class:`~deq_jax.data.TextDataset`.
       model: the Flax module (methods inject / initial_state / cell / head).
       sample_input: ``[1, ...]`` zeros of the model's input shape and dtype (for ``init``).
-      train_batch: ``step -> (inputs, targets)``, the global batch of a step.
-      eval_sets: split name -> a function returning ``(inputs, targets, weights)`` batches;
-        the first split is evaluated during training, the others once at the end.
+      train_batch: ``(step, rows) -> (inputs, targets)``: the global batch of a step, or its
+        ``rows`` (ascending positions; None: all), what one process loads.
+      eval_sets: split name -> a function of ``rows`` returning ``(inputs, targets,
+        weights)`` batches (their ``rows``); the first split is evaluated during
+        training, the others once at the end.
       language: report perplexity ``exp(loss)``.
       char_level: also report bits per character ``loss / ln 2``.
       baselines: reference numbers for the summary (e.g. ``unigram_bpc``).
       stream_start: ``step -> bool``, true where the training windows start over from the
         beginning of their streams (a model's segment memory is then emptied).
+      batch_size, eval_batch_size: the global batch sizes of ``train_batch`` and ``eval_sets``.
     """
 
     name: str
     data: Any
     model: nn.Module
     sample_input: np.ndarray
-    train_batch: Callable[[int], Batch]
-    eval_sets: dict[str, Callable[[], Iterator[EvalBatch]]]
+    train_batch: Callable[[int, np.ndarray | None], Batch]
+    eval_sets: dict[str, Callable[[np.ndarray | None], Iterator[EvalBatch]]]
     language: bool = False
     char_level: bool = False
     baselines: dict[str, float] = dataclasses.field(default_factory=dict)
     stream_start: Callable[[int], bool] = lambda step: False
+    batch_size: int = 0
+    eval_batch_size: int = 0
 
     @property
     def eval_split(self) -> str:
@@ -99,10 +104,10 @@ def make_task(c) -> Task:
             changes = {"augment": False} if name == "imagenet2012" else {"crop_padding": 0, "flip": False}
             ds = dataclasses.replace(ds, **changes)
         split = "validation" if name == "imagenet2012" else "test"  # ImageNet's test labels are not public
-        eval_sets = {split: lambda: ds.eval_batches(c.eval.batch_size)}
+        eval_sets = {split: lambda rows=None: ds.eval_batches(c.eval.batch_size, rows)}
         if c.data.validation_fraction:  # held out of the training set: evaluated first, the test set after
             ds, held = pipeline.hold_out(ds, c.data.validation_fraction, seed=c.seed)
-            eval_sets = {"validation": lambda: held.eval_batches(c.eval.batch_size)} | eval_sets
+            eval_sets = {"validation": lambda rows=None: held.eval_batches(c.eval.batch_size, rows)} | eval_sets
         ds.steps_per_epoch(c.train.batch_size)  # fails early if the batch is too large
         return Task(
             name=name,
@@ -110,8 +115,10 @@ def make_task(c) -> Task:
             model=MDEQ(c.model.size, num_classes=ds.num_classes, dropout=c.model.dropout,
                        compute_dtype=cell_compute_dtype(c)),
             sample_input=np.zeros((1,) + ds.image_shape, np.float32),
-            train_batch=lambda step: ds.train_batch(step, c.train.batch_size, c.seed),
+            train_batch=lambda step, rows=None: ds.train_batch(step, c.train.batch_size, c.seed, rows),
             eval_sets=eval_sets,
+            batch_size=c.train.batch_size,
+            eval_batch_size=c.eval.batch_size,
         )
     ds = text.load_text(name, data_dir)
     m, seq_len = c.model, c.train.seq_len
@@ -138,13 +145,15 @@ def make_task(c) -> Task:
         data=ds,
         model=model,
         sample_input=np.zeros((1, seq_len), np.int32),
-        train_batch=lambda step: text.stream_batch(ds.train, step, c.train.batch_size, seq_len),
+        train_batch=lambda step, rows=None: text.stream_batch(ds.train, step, c.train.batch_size, seq_len, rows),
         eval_sets={
-            "valid": lambda: text.eval_windows(ds.valid, c.eval.batch_size, seq_len),
-            "test": lambda: text.eval_windows(ds.test, c.eval.batch_size, seq_len),
+            "valid": lambda rows=None: text.eval_windows(ds.valid, c.eval.batch_size, seq_len, rows),
+            "test": lambda rows=None: text.eval_windows(ds.test, c.eval.batch_size, seq_len, rows),
         },
         language=True,
         char_level=char,
         baselines={"unigram_bpc" if char else "unigram_perplexity": unigram if char else 2.0**unigram},
         stream_start=lambda step: step % windows == 0,
+        batch_size=c.train.batch_size,
+        eval_batch_size=c.eval.batch_size,
     )
