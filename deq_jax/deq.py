@@ -196,15 +196,41 @@ def fixed_point(
         if step_limit.shape != ():
             raise ValueError(f"step_limit must be a scalar, got shape {step_limit.shape}")
     _check_batch(x, z0)
-    return _fixed_point(f, forward, backward, params, x, z0, probe, step_limit)
+    try:
+        return _fixed_point(f, forward, backward, params, x, z0, probe, step_limit)
+    except jax.errors.UnexpectedTracerError as e:
+        raise _closure_error(e) from e
+
+
+CLOSURE_HINT = (
+    "f closes over an array that JAX is differentiating or transforming (e.g. a cell's weights "
+    "captured by a lambda, or an Equinox module closed over inside the loss). Pass everything "
+    "differentiable through f's params or x instead: f(params, x, z) with params=the cell's arrays "
+    "(Equinox: params, static = eqx.partition(cell, eqx.is_array); f = lambda p, x, z: "
+    "eqx.combine(p, static)(x, z)). The solve's custom_vjp cannot see closed-over values."
+)
+
+
+def _closure_error(error: Exception) -> ValueError:
+    """The tracer error of a closed-over differentiated value, with what to do instead."""
+    return ValueError(f"{CLOSURE_HINT}\nJAX said: {str(error).splitlines()[0]}")
 
 
 def _check_batch(x, z0) -> None:
-    """``ValueError`` unless every leaf of ``x`` has z0's batch size as its leading axis
-    (a leaf of batch 1 would broadcast silently inside f, a mismatch fail deep in it)."""
+    """``ValueError`` unless every leaf of ``z0`` has a batch axis and every leaf of ``x`` has
+    z0's batch size as its leading axis (a leaf of batch 1 would broadcast silently inside f,
+    a mismatch fail deep in it). A 1-D z0 leaf is refused: it is almost always one example
+    without its batch axis, which would be solved as that many one-number examples."""
     z_leaves = jax.tree.leaves(z0)
     if not z_leaves or any(jnp.ndim(leaf) < 1 for leaf in z_leaves):
         return  # the solver reports a bad z0 itself
+    flat = [jnp.shape(leaf) for leaf in z_leaves if jnp.ndim(leaf) == 1]
+    if flat:
+        raise ValueError(
+            f"z0 has 1-D leaves {flat}: deq_jax solves a batch, every leaf [B, ...] with the examples "
+            "along axis 0 (each stops on its own). For one example add the batch axis (z0[None], x[None]; "
+            "a per-example f then needs jax.vmap); for B one-number examples use shape [B, 1]"
+        )
     batch = jnp.shape(z_leaves[0])[0]
     bad = [jnp.shape(leaf) for leaf in jax.tree.leaves(x) if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != batch]
     if bad:
@@ -230,6 +256,13 @@ def _fixed_point_fwd(f, forward, backward, params, x, z0, probe, step_limit):
 
 
 def _fixed_point_bwd(f, forward, backward, residuals, cotangent):
+    try:
+        return _backward(f, backward, residuals, cotangent)
+    except jax.errors.UnexpectedTracerError as e:
+        raise _closure_error(e) from e
+
+
+def _backward(f, backward, residuals, cotangent):
     params, x, z_star, z0, probe = residuals
     # result.z is z* too: its cotangent joins g, so neither output loses gradient.
     g = jax.tree.map(jnp.add, cotangent[0], cotangent[1].z)

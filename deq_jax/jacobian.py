@@ -48,6 +48,22 @@ def _is_key_batch(key) -> bool:
     return jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1
 
 
+def _check_key(key) -> None:
+    """``ValueError`` for what is not one PRNG key or a ``[B]`` array of typed keys; raw
+    ``uint32`` keys of ``jax.random.PRNGKey`` split per example (``[B, 2]``) get the fix."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.ndim > 1:
+            raise ValueError(f"JR keys must be one typed key or a [B] array of them, got shape {key.shape}")
+        return
+    if key.dtype != jnp.uint32 or key.ndim != 1:
+        kind = "raw uint32 keys, one per row" if key.dtype == jnp.uint32 and key.ndim == 2 else "not PRNG keys"
+        raise ValueError(
+            f"JR keys of shape {key.shape} and dtype {key.dtype} are {kind}. Pass typed keys: "
+            "jax.random.split(jax.random.key(seed), B) for one per example (jax.random.key, not the "
+            "old jax.random.PRNGKey), or jax.random.wrap_key_data(keys) to convert raw ones"
+        )
+
+
 def _draw(key, z, num_probes: int, probe: str):
     """``num_probes`` random pytrees like z, stacked on a new leading axis.
 
@@ -55,6 +71,7 @@ def _draw(key, z, num_probes: int, probe: str):
     example b's probes come from ``key[b]`` alone, so they do not depend on the batch
     size or on how the batch is split across devices.
     """
+    _check_key(key)
     leaves, treedef = jax.tree.flatten(z)
 
     def sample(k, shape, dtype):

@@ -31,8 +31,10 @@ LayerNorm, which also keep examples independent, as per-example stopping needs).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -144,8 +146,34 @@ class DEQ(nn.Module):
         unbound, variables = self.cell.unbind()
         rngs = {name: self.make_rng(name) for name in self.rng_streams if self.has_rng(name)}
 
+        streams = self.rng_streams
+
         def f(theta, x, z):
             cell_variables, cell_rngs = theta
-            return unbound.apply(cell_variables, x, z, rngs=cell_rngs or None)
+            try:
+                return unbound.apply(cell_variables, x, z, rngs=cell_rngs or None)
+            except flax.errors.InvalidRngError as e:
+                raise ValueError(_missing_stream(str(e), streams)) from e
+            except flax.errors.ModifyScopeVariableError as e:
+                raise ValueError(_mutating_cell(str(e))) from e
 
         return in_compute_dtype(f, self.compute_dtype), (variables, rngs)
+
+
+def _missing_stream(message: str, streams: tuple[str, ...]) -> str:
+    """What to do when the cell asks for an rng stream that the layer does not pass on."""
+    found = re.search(r'PRNG for "([^"]+)"', message)
+    name = found.group(1) if found else "?"
+    return (f"the cell asks for the rng stream {name!r}, but this DEQ layer passes it only the streams in "
+            f"rng_streams={streams!r} (one key per call, fixed within the solve). List it: "
+            f"DEQ(cell, rng_streams={(*streams, name)!r}), and give the call rngs={{{name!r}: key}}. "
+            f"Flax said: {message.splitlines()[0]}")
+
+
+def _mutating_cell(message: str) -> str:
+    """What to do when the cell updates variables (e.g. BatchNorm's running statistics)."""
+    return ("the cell updates its own variables while it runs (e.g. nn.BatchNorm(use_running_average=False) "
+            "updating batch_stats). A DEQ cell must be a fixed map: nothing it changes between solver steps, and no "
+            "statistics across the batch (each example is solved, and stops, on its own). Use nn.LayerNorm or "
+            "nn.GroupNorm, or BatchNorm with use_running_average=True. "
+            f"Flax said: {message.splitlines()[0]}")

@@ -137,6 +137,7 @@ class DEQ(nnx.Module):
         """``(f, theta)``: the pure ``f(theta, x, z) = cell(x, z)`` (in ``compute_dtype``) and its explicit input
         ``theta = (params, rest)``, the cell's state with every rng stream set to a key
         drawn now (each stream advances by one draw)."""
+        _check_stateless(self.cell)
         streams = [node for _, node in nnx.iter_graph(self.cell) if isinstance(node, nnx.RngStream)]
         saved = [(s.key.get_value(), s.count.get_value()) for s in streams]
         draws = [s() for s in streams]  # advances the live streams: the next call draws anew
@@ -155,3 +156,18 @@ class DEQ(nnx.Module):
             return nnx.merge(graph, *jax.tree.map(lambda leaf: leaf, theta))(x, z)
 
         return in_compute_dtype(f, self.compute_dtype), (params, rest)
+
+
+def _check_stateless(cell: nnx.Module) -> None:
+    """``ValueError`` for a cell holding a BatchNorm in training mode: its statistics couple the
+    examples and its running averages would be updated by every solver step (the layer
+    discards them, so they would silently never change)."""
+    for path, node in nnx.iter_graph(cell):
+        if isinstance(node, nnx.BatchNorm) and not node.use_running_average:
+            where = "/".join(map(str, path)) or "the cell"
+            raise ValueError(
+                f"the cell's BatchNorm at {where!r} is in training mode (use_running_average=False). A DEQ cell must "
+                "be a fixed map: batch statistics couple the examples (each is solved, and stops, on its own) and "
+                "running averages updated at every solver step are discarded by the solve. Use nnx.LayerNorm or "
+                "nnx.GroupNorm, or put the BatchNorm in evaluation mode (use_running_average=True, or .eval())."
+            )

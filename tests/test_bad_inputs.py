@@ -68,6 +68,11 @@ CASES = {
     "unrolled layers": (lambda: deq_jax.unrolled(cell, PARAMS, X, Z0, 0), ValueError, "num_layers must be"),
     "adjoint_solve phantom": (lambda: deq_jax.adjoint_solve(cell, PARAMS, X, Z0, Z0, deq_jax.Phantom()),
                               ValueError, "adjoint_solve needs a SolverConfig"),
+    # one example without its batch axis (an Equinox habit): refused, not solved as 16 one-number examples
+    "unbatched z0": (lambda: deq_jax.fixed_point(lambda p, x, z: jnp.tanh(p @ z + x), PARAMS, X[0], Z0[0]),
+                     ValueError, r"z0 has 1-D leaves \[\(3,\)\].*add the batch axis"),
+    "unbatched z0 in a pytree": (lambda: deq_jax.equilibrium(lambda p, x, z: z, None, None, {"a": Z0, "b": Z0[:, 0]}),
+                                 ValueError, r"1-D leaves \[\(4,\)\].*shape \[B, 1\]"),
     # Jacobian tools
     "num_probes 0": (lambda: deq_jax.hutchinson_frobenius(F, Z0, KEY, num_probes=0), ValueError,
                      "num_probes must be a positive int"),
@@ -76,6 +81,9 @@ CASES = {
     "jvp or vjp": (lambda: deq_jax.hutchinson_frobenius(F, Z0, KEY, mode="fwd"), ValueError, "mode must be one of"),
     "key count": (lambda: deq_jax.hutchinson_frobenius(F, Z0, jax.random.split(KEY, 3)), ValueError,
                   "got 3 keys for a batch of 4"),
+    "raw keys per example": (lambda: deq_jax.equilibrium(cell, PARAMS, X, Z0, jr_keys=jax.random.split(
+        jax.random.PRNGKey(0), 4)), ValueError, r"raw uint32 keys.*jax.random.wrap_key_data"),
+    "keys not keys": (lambda: deq_jax.hutchinson_frobenius(F, Z0, jnp.ones((4,))), ValueError, "not PRNG keys"),
     "power iterations": (lambda: deq_jax.spectral_radius(F, Z0, KEY, num_iters=1), ValueError,
                          "num_iters must be an int >= 2"),
     # config resolution
@@ -140,3 +148,61 @@ def test_xla_cpu_flags_that_jaxlib_does_not_know_cannot_abort_start_up(monkeypat
     assert os.environ["XLA_FLAGS"] == ""
     assert cpu_flags.apply()  # this jaxlib knows the real ones, and the backend is the CPU
     assert os.environ["XLA_FLAGS"] == cpu_flags.CPU_FLAGS
+
+
+# --- cells that break the DEQ contract, in each framework ----------------------------------
+
+
+def test_a_cell_closing_over_what_is_differentiated_gets_the_params_hint():
+    """The Equinox habit: the loss closes over the cell (params=None). JAX alone says
+    UnexpectedTracerError; the layer says to pass the arrays as params, and how."""
+    w = 0.3 * jnp.eye(3)
+
+    def loss(w):
+        z, _ = deq_jax.equilibrium(lambda p, x, z: jnp.tanh(z @ w + x), None, X, Z0)
+        return (z**2).sum()
+
+    with pytest.raises(ValueError, match=r"closes over an array.*eqx.partition"):
+        jax.grad(loss)(w)
+
+
+def test_linen_cells_with_batchnorm_or_an_unlisted_rng_stream_are_named():
+    import flax.linen as nn
+
+    class Normed(nn.Module):
+        @nn.compact
+        def __call__(self, x, z):
+            return nn.tanh(nn.BatchNorm(use_running_average=False)(nn.Dense(3)(z)) + x)
+
+    class Noisy(nn.Module):
+        @nn.compact
+        def __call__(self, x, z):
+            return jnp.tanh(nn.Dropout(0.1, deterministic=False, rng_collection="noise")(nn.Dense(3)(z)) + x)
+
+    with pytest.raises(ValueError, match=r"updates its own variables.*nn.LayerNorm"):
+        deq_jax.linen.DEQ(Normed()).init(KEY, X)
+    with pytest.raises(ValueError, match=r"rng stream 'noise'.*rng_streams=\('dropout', 'noise'\)"):
+        deq_jax.linen.DEQ(Noisy()).init({"params": KEY, "noise": KEY}, X)
+    listed = deq_jax.linen.DEQ(Noisy(), rng_streams=("dropout", "noise"))  # the fix the message gives
+    variables = listed.init({"params": KEY, "noise": KEY}, X)
+    z, _ = listed.apply(variables, X, rngs={"noise": KEY})
+    assert z.shape == X.shape
+
+
+def test_an_nnx_cell_with_batchnorm_in_training_mode_is_refused_and_works_in_eval_mode():
+    from flax import nnx
+
+    class Cell(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(3, 3, rngs=rngs)
+            self.norm = nnx.BatchNorm(3, rngs=rngs)
+
+        def __call__(self, x, z):
+            return jnp.tanh(0.5 * self.norm(self.linear(z)) + x)
+
+    layer = deq_jax.nnx.DEQ(Cell(nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"BatchNorm at 'norm' is in training mode.*\.eval\(\)"):
+        layer(X)
+    layer.eval()  # running averages: a fixed affine map, a fine cell
+    z, stats = layer(X)
+    assert bool(stats.result.converged.all())
