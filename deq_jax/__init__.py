@@ -12,7 +12,7 @@ A DEQ layer inside your own model: :class:`deq_jax.linen.DEQ` (Flax Linen),
 ``f(params, x, z)`` (Equinox, plain JAX).
 """
 
-from deq_jax import linen, nnx, solvers
+from deq_jax import linen, nnx, solvers, weight_norm
 from deq_jax.deq import (
     BackwardStats,
     Phantom,
@@ -43,4 +43,5 @@ __all__ = [
     "solvers",
     "spectral_radius",
     "unrolled",
+    "weight_norm",
 ]

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from deq_jax import deq
 from deq_jax.layer import DEQStats, equilibrium
 from deq_jax.mixed_precision import in_compute_dtype
+from deq_jax.weight_norm import weight_norm
 
 Array = jax.Array
 PyTree = Any
@@ -177,3 +178,49 @@ def _mutating_cell(message: str) -> str:
             "statistics across the batch (each example is solved, and stops, on its own). Use nn.LayerNorm or "
             "nn.GroupNorm, or BatchNorm with use_running_average=True. "
             f"Flax said: {message.splitlines()[0]}")
+
+
+class WNDense(nn.Module):
+    """Weight-normalized dense layer: ``y = x @ w + b`` with ``w = g * v / ||v||`` per output
+    unit (:func:`deq_jax.weight_norm.weight_norm`), the paper's cells' layer.
+
+    Attributes:
+      features: output units. Parameters: ``v`` ``[in, features]`` (LeCun normal), ``g``
+        ``[features]`` (ones), ``b`` ``[features]`` (zeros).
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        v = self.param("v", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        g = self.param("g", nn.initializers.ones, (self.features,))
+        b = self.param("b", nn.initializers.zeros, (self.features,))
+        return x @ weight_norm(v, g, (0,)).astype(x.dtype) + b.astype(x.dtype)
+
+
+class WNConv(nn.Module):
+    """Weight-normalized 2-D convolution without bias (NHWC, "SAME" padding):
+    ``w = g * v / ||v||`` per output channel, the MDEQ's layer.
+
+    Attributes:
+      features: output channels. Parameters: ``v`` ``[k, k, in, features]`` (LeCun normal),
+        ``g`` ``[features]`` (ones).
+      kernel_size, strides: square kernel side and stride.
+    """
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        k = self.kernel_size
+        v = self.param("v", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
+        g = self.param("g", nn.initializers.ones, (self.features,))
+        return _conv(x, weight_norm(v, g, (0, 1, 2)), self.strides)
+
+
+def _conv(x: Array, w: Array, strides: int) -> Array:
+    return jax.lax.conv_general_dilated(x, w.astype(x.dtype), (strides, strides), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))

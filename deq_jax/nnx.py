@@ -42,6 +42,7 @@ from flax import nnx
 from deq_jax import deq
 from deq_jax.layer import DEQStats, equilibrium
 from deq_jax.mixed_precision import check_compute_dtype, in_compute_dtype
+from deq_jax.weight_norm import weight_norm
 
 Array = jax.Array
 PyTree = Any
@@ -171,3 +172,46 @@ def _check_stateless(cell: nnx.Module) -> None:
                 "running averages updated at every solver step are discarded by the solve. Use nnx.LayerNorm or "
                 "nnx.GroupNorm, or put the BatchNorm in evaluation mode (use_running_average=True, or .eval())."
             )
+
+
+class WNLinear(nnx.Module):
+    """Weight-normalized dense layer (NNX): ``y = x @ w + b`` with ``w = g * v / ||v||`` per
+    output unit (:func:`deq_jax.weight_norm.weight_norm`); the same parameters and
+    initialization as :class:`deq_jax.linen.WNDense`.
+
+    Args:
+      in_features, out_features: input and output sizes.
+      rngs: draws ``v`` (LeCun normal); ``g`` starts at ones, ``b`` at zeros.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
+        self.v = nnx.Param(jax.nn.initializers.lecun_normal()(rngs.params(), (in_features, out_features)))
+        self.g = nnx.Param(jnp.ones((out_features,)))
+        self.b = nnx.Param(jnp.zeros((out_features,)))
+
+    def __call__(self, x: Array) -> Array:
+        w = weight_norm(self.v[...], self.g[...], (0,))
+        return x @ w.astype(x.dtype) + self.b[...].astype(x.dtype)
+
+
+class WNConv(nnx.Module):
+    """Weight-normalized 2-D convolution without bias (NNX; NHWC, "SAME" padding):
+    ``w = g * v / ||v||`` per output channel; as :class:`deq_jax.linen.WNConv`.
+
+    Args:
+      in_features, out_features: input and output channels.
+      kernel_size, strides: square kernel side and stride.
+      rngs: draws ``v`` (LeCun normal); ``g`` starts at ones.
+    """
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: int = 3, strides: int = 1, *,
+                 rngs: nnx.Rngs):
+        shape = (kernel_size, kernel_size, in_features, out_features)
+        self.v = nnx.Param(jax.nn.initializers.lecun_normal()(rngs.params(), shape))
+        self.g = nnx.Param(jnp.ones((out_features,)))
+        self.strides = strides
+
+    def __call__(self, x: Array) -> Array:
+        w = weight_norm(self.v[...], self.g[...], (0, 1, 2)).astype(x.dtype)
+        return jax.lax.conv_general_dilated(x, w, (self.strides, self.strides), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))

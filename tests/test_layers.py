@@ -381,3 +381,91 @@ def test_bfloat16_cell_keeps_parameters_solver_and_gradients_in_float32():
     np.testing.assert_allclose(z16, z32, atol=3e-2)
     for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32), strict=True):
         np.testing.assert_allclose(a, b, atol=5e-2 * float(jnp.max(jnp.abs(b))))
+
+
+# --- weight normalization ---------------------------------------------------------------
+
+
+def _wn_reference(v, g):
+    """``w = g * v / ||v||`` per output unit (the last axis), in float64 numpy."""
+    v, g = np.asarray(v, np.float64), np.asarray(g, np.float64)
+    norm = np.sqrt((v.reshape(-1, v.shape[-1]) ** 2).sum(0))
+    return v * (g / norm)
+
+
+def _wn_grads(v, g, dw):
+    """The gradient of L(w(v, g)) from dL/dw (Salimans & Kingma, eq. 3):
+    dL/dg = dL/dw . v / ||v||, dL/dv = g / ||v|| dL/dw - g dL/dg / ||v||^2 v."""
+    v, g, dw = (np.asarray(a, np.float64) for a in (v, g, dw))
+    flat_v, flat_dw = v.reshape(-1, v.shape[-1]), dw.reshape(-1, v.shape[-1])
+    norm = np.sqrt((flat_v**2).sum(0))
+    dg = (flat_dw * flat_v).sum(0) / norm
+    dv = (g / norm) * flat_dw - (g * dg / norm**2) * flat_v
+    return dv.reshape(v.shape), dg
+
+
+def _conv(x, w, strides):
+    return jax.lax.conv_general_dilated(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), (strides,) * 2,
+                                        "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_weight_normalized_layers_follow_their_definition_and_its_gradient(kind):
+    rng = np.random.default_rng(0)
+    if kind == "dense":
+        x = rng.normal(size=(5, 7)).astype(np.float32)
+        linen_layer, shape = deq_jax.linen.WNDense(4), (7, 4)
+        nnx_layer = deq_jax.nnx.WNLinear(7, 4, rngs=nnx.Rngs(0))
+    else:
+        x = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
+        linen_layer, shape = deq_jax.linen.WNConv(4, kernel_size=3, strides=2), (3, 3, 3, 4)
+        nnx_layer = deq_jax.nnx.WNConv(3, 4, kernel_size=3, strides=2, rngs=nnx.Rngs(0))
+    v = rng.normal(size=shape).astype(np.float32)
+    g = rng.uniform(0.5, 2.0, size=4).astype(np.float32)
+    b = rng.normal(size=4).astype(np.float32)
+    params = {"v": v, "g": g} | ({"b": b} if kind == "dense" else {})
+    assert jax.tree.map(jnp.shape, linen_layer.init(jax.random.key(0), x)["params"]) == jax.tree.map(
+        np.shape, params)
+    w = _wn_reference(v, g)
+    np.testing.assert_allclose(np.sqrt((w.reshape(-1, 4) ** 2).sum(0)), g, rtol=1e-12)  # each unit's norm is g
+    want = x @ w + b if kind == "dense" else np.asarray(_conv(x, w, 2))
+    np.testing.assert_allclose(linen_layer.apply({"params": params}, x), want, rtol=1e-5, atol=1e-5)
+    for name, value in params.items():
+        getattr(nnx_layer, name).set_value(jnp.asarray(value))
+    np.testing.assert_allclose(nnx_layer(x), want, rtol=1e-5, atol=1e-5)
+
+    # The gradient of sum(c * y): dL/dw from the linear map, then the definition's chain rule.
+    c = rng.normal(size=np.shape(want)).astype(np.float32)
+    if kind == "dense":
+        dw = x.T.astype(np.float64) @ c
+    else:
+        _, pullback = jax.vjp(lambda w: _conv(x, w, 2), jnp.asarray(w, jnp.float32))
+        dw = np.asarray(pullback(jnp.asarray(c))[0])
+    dv, dg = _wn_grads(v, g, dw)
+    got = jax.grad(lambda p: jnp.sum(c * linen_layer.apply({"params": p}, x)))(params)
+    np.testing.assert_allclose(got["v"], dv, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["g"], dg, rtol=1e-4, atol=1e-5)
+    got_nnx = nnx.grad(lambda m: jnp.sum(c * m(x)))(nnx_layer)
+    np.testing.assert_allclose(got_nnx.v[...], dv, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got_nnx.g[...], dg, rtol=1e-4, atol=1e-5)
+
+
+def test_a_weight_normalized_cell_solves_in_both_layers():
+    class LinenCell(nn.Module):
+        @nn.compact
+        def __call__(self, x, z):
+            return jnp.tanh(deq_jax.linen.WNDense(z.shape[-1])(z) * 0.5 + x)
+
+    class NNXCell(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = deq_jax.nnx.WNLinear(8, 8, rngs=rngs)
+
+        def __call__(self, x, z):
+            return jnp.tanh(self.dense(z) * 0.5 + x)
+
+    x = jnp.ones((4, 8))
+    layer = deq_jax.linen.DEQ(LinenCell())
+    _, stats = layer.apply(layer.init(jax.random.key(0), x), x)
+    assert bool(stats.result.converged.all())
+    _, stats = deq_jax.nnx.DEQ(NNXCell(nnx.Rngs(0)))(x)
+    assert bool(stats.result.converged.all())

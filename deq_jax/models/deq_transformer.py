@@ -37,25 +37,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deq_jax.linen import DEQ
+from deq_jax.linen import DEQ, WNDense
 from deq_jax.models.adaptive import AdaptiveSoftmax
 from deq_jax.models.output import ModelOutput
 
 Array = jax.Array
-
-
-class WNDense(nn.Module):
-    """Weight-normalized dense layer: ``w = g * v / ||v||`` per output unit, plus a bias."""
-
-    features: int
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        v = self.param("v", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
-        g = self.param("g", nn.initializers.ones, (self.features,))
-        b = self.param("b", nn.initializers.zeros, (self.features,))
-        w = v * (g / jnp.sqrt(jnp.sum(jnp.square(v), axis=0) + 1e-12))
-        return x @ w.astype(x.dtype) + b.astype(x.dtype)
 
 
 def rotary(x: Array, positions: Array | None = None) -> Array:

@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deq_jax.linen import DEQ
+from deq_jax.linen import DEQ, WNConv
 from deq_jax.models.output import ModelOutput
 
 Array = jax.Array
@@ -145,29 +145,6 @@ def get_size(size: str | MDEQSize) -> MDEQSize:
     if size not in SIZES:
         raise ValueError(f"unknown MDEQ size {size!r}; choose one of {sorted(SIZES)}")
     return SIZES[size]
-
-
-class WNConv(nn.Module):
-    """Weight-normalized 2-D conv without bias: ``w = g * v / ||v||`` per output channel.
-
-    ``g`` starts at 1, so each output filter starts with unit norm (the variance of a
-    LeCun-normal init, for any fan-in).
-    """
-
-    features: int
-    kernel_size: int = 3
-    strides: int = 1
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        k = self.kernel_size
-        v = self.param("v", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
-        g = self.param("g", nn.initializers.ones, (self.features,))
-        norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1, 2)) + 1e-12)
-        w = (v * (g / norm)).astype(x.dtype)
-        return jax.lax.conv_general_dilated(
-            x, w, (self.strides, self.strides), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
 
 
 class ResidualBlock(nn.Module):
