@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from deq_jax import deq
 from deq_jax.layer import DEQStats, equilibrium
 from deq_jax.mixed_precision import in_compute_dtype
-from deq_jax.weight_norm import weight_norm
+from deq_jax.weight_norm import conv, weight_norm
 
 Array = jax.Array
 PyTree = Any
@@ -218,9 +218,4 @@ class WNConv(nn.Module):
         k = self.kernel_size
         v = self.param("v", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
         g = self.param("g", nn.initializers.ones, (self.features,))
-        return _conv(x, weight_norm(v, g, (0, 1, 2)), self.strides)
-
-
-def _conv(x: Array, w: Array, strides: int) -> Array:
-    return jax.lax.conv_general_dilated(x, w.astype(x.dtype), (strides, strides), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return conv(x, weight_norm(v, g, (0, 1, 2)), self.strides)

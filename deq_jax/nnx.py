@@ -42,7 +42,7 @@ from flax import nnx
 from deq_jax import deq
 from deq_jax.layer import DEQStats, equilibrium
 from deq_jax.mixed_precision import check_compute_dtype, in_compute_dtype
-from deq_jax.weight_norm import weight_norm
+from deq_jax.weight_norm import conv, weight_norm
 
 Array = jax.Array
 PyTree = Any
@@ -212,6 +212,4 @@ class WNConv(nnx.Module):
         self.strides = strides
 
     def __call__(self, x: Array) -> Array:
-        w = weight_norm(self.v[...], self.g[...], (0, 1, 2)).astype(x.dtype)
-        return jax.lax.conv_general_dilated(x, w, (self.strides, self.strides), "SAME",
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return conv(x, weight_norm(self.v[...], self.g[...], (0, 1, 2)), self.strides)

@@ -32,3 +32,10 @@ def weight_norm(v: jax.Array, g: jax.Array, axes: tuple[int, ...]) -> jax.Array:
       ``w``, shaped like ``v``.
     """
     return v * (g / jnp.sqrt(jnp.sum(jnp.square(v), axis=axes) + EPS))
+
+
+def conv(x: jax.Array, w: jax.Array, strides: int) -> jax.Array:
+    """The WN conv layers' convolution: ``x`` ``[B, H, W, C]``, ``w`` ``[k, k, C, out]``,
+    "SAME" padding, square ``strides``, computed in ``x``'s dtype."""
+    return jax.lax.conv_general_dilated(x, w.astype(x.dtype), (strides, strides), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))

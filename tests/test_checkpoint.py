@@ -351,3 +351,16 @@ def test_restore_gives_the_state_the_templates_shardings_on_4_devices(tmp_path):
     proc = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path / "run")], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_a_relative_run_folder_works(tmp_path, monkeypatch):
+    """The command line's default --workdir is relative (runs/<name>_<time>); Orbax itself
+    accepts only absolute local paths."""
+    monkeypatch.chdir(tmp_path)
+    with checkpoint.Checkpoints("runs/relative", keep=2) as ckpts:
+        ckpts.save(3, state(3))
+    assert checkpoint.steps("runs/relative") == [3] and (tmp_path / "runs" / "relative" / "checkpoints" / "3").is_dir()
+    with checkpoint.Checkpoints("runs/relative", keep=2, read_only=True) as ckpts:
+        restored, step = ckpts.restore(state())
+    assert step == 3
+    jax.tree.map(np.testing.assert_array_equal, restored, state(3))

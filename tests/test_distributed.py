@@ -122,7 +122,7 @@ def _assert_rows_close(got: list[dict], want: list[dict], rtol: float):
 
 
 def _params(run_dir: Path):
-    """The parameters of the newest checkpoint, as numpy (read in a subprocess-free way)."""
+    """The parameters of the run's newest checkpoint, restored on this process's one device."""
     import jax
 
     from deq_jax.train import checkpoint

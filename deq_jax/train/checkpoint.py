@@ -58,6 +58,13 @@ _TMP = ".orbax-checkpoint-tmp"  # Orbax's suffix of a step folder being written
 _MARGIN = (0.10, 2**20)  # room asked beyond the arrays' bytes: a fraction of them, and bytes
 
 
+def _absolute(run_dir: str | os.PathLike) -> epath.Path:
+    """``run_dir`` as an absolute path (a relative local one against the working directory);
+    URLs such as ``gs://...`` unchanged."""
+    path = os.fspath(run_dir)
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 def _legacy_name(step: int) -> str:
     return f"ckpt_{step:08d}.msgpack"
 
@@ -82,7 +89,7 @@ class Checkpoints:
     """
 
     def __init__(self, run_dir: str | os.PathLike, keep: int, *, read_only: bool = False):
-        self.run_dir = epath.Path(run_dir)
+        self.run_dir = _absolute(run_dir)  # Orbax writes local checkpoints only under absolute paths
         self.directory = self.run_dir / ORBAX_DIR
         self.keep = keep
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, read_only=read_only,
