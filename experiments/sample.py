@@ -25,10 +25,14 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     from deq_jax.train.sampling import generate, load_run
 
-    c, task, params, step = load_run(argv[1], FLAGS.step)
-    text = generate(
-        task, params, c, FLAGS.prompt, length=FLAGS.length, temperature=FLAGS.temperature, seed=FLAGS.seed
-    )
+    try:  # the user's mistakes (no run folder, a prompt outside the vocabulary): one line, status 2
+        c, task, params, step = load_run(argv[1], FLAGS.step)
+        text = generate(
+            task, params, c, FLAGS.prompt, length=FLAGS.length, temperature=FLAGS.temperature, seed=FLAGS.seed
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"sample: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
     print(f"[{task.name}, checkpoint step {step}, temperature {FLAGS.temperature}, seed {FLAGS.seed}]")
     print(FLAGS.prompt + text)
 

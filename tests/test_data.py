@@ -129,3 +129,12 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path):
         data.load("cifar10", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="unknown image data set"):
         data.load("mnist")
+
+
+def test_the_prepare_command_for_a_missing_data_set_can_be_copied(tmp_path, monkeypatch):
+    """Without data.data_dir the hint names TFDS's real folder ($TFDS_DATA_DIR here), not a
+    description of it, so the printed command runs as it is."""
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as info:
+        data.load("cifar10")
+    assert f"    tfds build cifar10 --data_dir {tmp_path} --file_format array_record\n" in str(info.value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from deq_jax.data.pipeline import Dataset
+from deq_jax.data.pipeline import Dataset, tfds_dir
 
 # Per-channel statistics of the CIFAR-10 training set (images scaled to [0, 1]).
 MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
@@ -25,8 +25,7 @@ def _split(data_dir: str | None, split: str):
     try:
         return tfds.data_source("cifar10", split=split, data_dir=data_dir, download=False)
     except Exception as err:  # TFDS raises several types for "not prepared"; all mean the same here.
-        where = data_dir or "the default TFDS data_dir (~/tensorflow_datasets)"
-        raise FileNotFoundError(PREPARE_HINT.format(data_dir=where)) from err
+        raise FileNotFoundError(PREPARE_HINT.format(data_dir=tfds_dir(data_dir))) from err
 
 
 def _to_arrays(source, desc: str) -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from deq_jax.data.pipeline import tfds_dir
+
 NAME = "imagenet2012"
 IMAGE_SIZE = 224  # the official MODEL.IMAGE_SIZE (cls_mdeq_SMALL_reg.yaml)
 NUM_CLASSES = 1000
@@ -289,8 +291,7 @@ def _split(data_dir: str | None, split: str):
     try:
         return tfds.data_source(NAME, split=split, data_dir=data_dir, download=False)
     except Exception as err:  # TFDS raises several types for "not prepared"; all mean the same here.
-        where = data_dir or "the default TFDS data_dir (~/tensorflow_datasets)"
-        raise FileNotFoundError(PREPARE_HINT.format(data_dir=where)) from err
+        raise FileNotFoundError(PREPARE_HINT.format(data_dir=tfds_dir(data_dir))) from err
 
 
 def load_imagenet(

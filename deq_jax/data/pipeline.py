@@ -14,6 +14,7 @@ augmentation, depend on ``(seed, step, k)`` alone.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -164,6 +165,12 @@ def hold_out(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset,
     validation = dataclasses.replace(dataset, test_images=dataset.train_images[held],
                                      test_labels=dataset.train_labels[held])
     return train, validation
+
+
+def tfds_dir(data_dir: str | None) -> str:
+    """The folder TFDS reads for ``data_dir`` (None: ``$TFDS_DATA_DIR``, else
+    ``~/tensorflow_datasets``, TFDS's own default), spelled out for a command a user copies."""
+    return data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
 
 
 def load(name: str, *, seed: int = 0, data_dir: str | None = None, image_size: int | None = None):

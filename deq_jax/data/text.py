@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from deq_jax.data.pipeline import tfds_dir
+
 TEXT_DATA = ("pydoc", "pydoc_words", "tiny_shakespeare", "wikitext103")
 SPLITS = ("train", "valid", "test")
 # The pydoc corpora are split by position: the first 90% train, then 5% valid, 5% test
@@ -186,7 +188,7 @@ def load_tiny_shakespeare(data_dir: str | None = None) -> TextDataset:
             source = tfds.data_source("tiny_shakespeare", split=tfds_split, data_dir=data_dir, download=False)
             text = source[0]["text"]
         except Exception as err:  # TFDS raises several types for "not prepared"; all mean the same here.
-            where = data_dir or "~/tensorflow_datasets"
+            where = tfds_dir(data_dir)
             raise FileNotFoundError(
                 f"tiny_shakespeare is not prepared in {where!r} (TFDS array_record format). Prepare it once, "
                 f"on a machine with internet access:\n"

@@ -24,6 +24,7 @@ before jax's backend starts (so ``--help`` and a bad flag answer without startin
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
@@ -35,7 +36,11 @@ from deq_jax.train import cpu_flags
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "digits.py")
 _FLAG_NAMES = ("config", "workdir", "resume", "progress", "coordinator_address", "num_processes", "process_id")
 
-config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file.", lock_config=True)
+try:  # ml_collections reads sys.argv's --config.* overrides here, at import: a typo fails now
+    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file.", lock_config=True)
+    _CONFIG_ERROR = None
+except (AttributeError, KeyError) as e:  # reported by run() as a usage error
+    _CONFIG_ERROR = e
 flags.DEFINE_string("workdir", None, "Run folder (default: runs/<config name>_<date-time>).")
 flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its newest checkpoint.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -91,8 +96,6 @@ def main(argv):
     from deq_jax.train.loop import describe, train
     from deq_jax.train.preemption import Interrupted
 
-    if FLAGS.resume and not FLAGS.workdir:
-        raise app.UsageError("--resume needs --workdir, the run folder to continue")
     workdir = FLAGS.workdir or _default_workdir()
     try:
         summary = train(config, workdir, resume=FLAGS.resume, progress=FLAGS.progress)
@@ -119,6 +122,11 @@ def _help(full: bool) -> None:
 
 def run() -> None:
     """Runs the training command with ``sys.argv`` (the ``deq-jax-train`` console script)."""
+    if _CONFIG_ERROR is not None:
+        overrides = ", ".join(a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config."))
+        hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', str(_CONFIG_ERROR))
+        usage_error(f"unknown config key in {overrides}" + (f': did you mean "{hint[1]}" instead of "{hint[2]}"?'
+                                                             if hint else ""))
     # absl's --help lists the main script's flags; these are defined here, not there.
     for name in _FLAG_NAMES:
         FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
@@ -128,7 +136,25 @@ def run() -> None:
     if asked:  # answered here: absl's help flags exit with status 1
         _help(full=any(asked))
         sys.exit(0)
+    try:  # a usage error is one line and exit status 2, as command-line tools do; a traceback means a bug
+        FLAGS(sys.argv)
+        if FLAGS.resume and not FLAGS.workdir:
+            raise ValueError("--resume needs --workdir, the run folder to continue")
+        from deq_jax.train.config import resolve
+
+        resolve(FLAGS.config)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        usage_error(str(e))
     app.run(main)
+
+
+def usage_error(message: str) -> None:
+    """Prints ``<command>: error: <message>`` on one line and exits with status 2."""
+    text = str(message).replace("\\n", "\n").replace("\\'", "'")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line[1:-1] if len(line) > 1 and line[0] == line[-1] and line[0] in "'\"" else line for line in lines]
+    print(f"{os.path.basename(sys.argv[0])}: error: {' '.join(lines)}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
