@@ -4,13 +4,13 @@
 
 A run folder holds ``config.json`` (the resolved config), ``metrics.jsonl``,
 ``checkpoints/<step>/`` (Orbax; the last ``train.keep_checkpoints``), ``summary.json`` and
-``plots/``. On several processes (:mod:`deq_jax.train.distributed`) each loads only its rows
-of every batch, all save and restore the checkpoints together, and process 0 writes the rest.
-SIGTERM or SIGINT stops a run at the next log boundary with a checkpoint
-(:mod:`deq_jax.train.preemption`). ``train(..., resume=True)`` continues from the newest checkpoint; since
+``plots/``. ``train(..., resume=True)`` continues from the newest checkpoint; since
 batches and all randomness are functions of ``(seed, step)`` and checkpoints fall on
 log boundaries, the resumed run writes the same metrics as an uninterrupted one
-(timings aside).
+(timings aside). SIGTERM or SIGINT stops a run at the next log boundary with a checkpoint
+(:mod:`deq_jax.train.preemption`). On several processes (:mod:`deq_jax.train.distributed`)
+each loads only its rows of every batch, all save and restore the checkpoints together,
+and process 0 writes the rest.
 """
 
 from __future__ import annotations
