@@ -246,3 +246,34 @@ def test_initialize_wants_all_three_flags_or_none():
         distributed.initialize("127.0.0.1:1234", 2)
     with pytest.raises(ValueError, match=r"process_id must be in \[0, num_processes\)"):
         distributed.initialize("127.0.0.1:1234", 2, 2)
+
+
+LM_CONFIG = """
+from deq_jax.train.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.data.name = "pydoc"
+    c.model.update(d_model=32, num_heads=4, d_ff=64, dropout=0.0, mem_len=16)
+    c.train.update(batch_size=8, seq_len=16, num_steps=8, pretrain_steps=2, pretrain_layers=2, log_every=2,
+                   eval_every=8, checkpoint_every=4, keep_checkpoints=2)
+    c.forward.update(max_steps=6, random_lower=1)
+    c.backward.max_steps = 6
+    c.jr.prob = 1.0
+    c.eval.update(batch_size=64, max_steps=8, budgets="2,6", spectral_iters=5)
+    return c
+"""
+
+
+def test_a_language_model_with_memory_split_over_processes_trains_and_checkpoints(tmp_path):
+    """The segment memory is sharded over the devices of both processes: the finiteness
+    check and the checkpoints must not fetch it to one host (which used to fail)."""
+    from deq_jax.train import checkpoint
+
+    config = tmp_path / "lm.py"
+    config.write_text(LM_CONFIG)
+    one, two = tmp_path / "one_x4", tmp_path / "two_x2"
+    _finish(_cli(config, one, 1, 4) + _cli(config, two, 2, 2, port=_port()))
+    assert checkpoint.steps(two) == [4, 8]
+    _assert_rows_close(_rows(two), _rows(one), rtol=1e-3)  # float32 rounding, as above
