@@ -38,6 +38,7 @@ decisions (room on the disk, whether a checkpoint could be read) are made the sa
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -244,10 +245,8 @@ def _free_bytes(directory: epath.Path, collective: bool) -> int | None:
     process 0 measures and tells the others, so that all decide alike."""
     free = -1
     if (jax.process_index() == 0 or not collective) and "://" not in os.fspath(directory):
-        try:
+        with contextlib.suppress(OSError):  # unreadable: unknown, as for a URL (-1 -> None)
             free = shutil.disk_usage(os.fspath(directory)).free
-        except OSError:
-            pass
     if collective and jax.process_count() > 1:  # as two int32 words: without x64, int64 would be cut to 32 bits
         hi, lo = multihost_utils.broadcast_one_to_all(np.array(divmod(free, 2**30), np.int32))
         free = int(hi) * 2**30 + int(lo)
