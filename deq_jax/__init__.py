@@ -13,6 +13,7 @@ A DEQ layer inside your own model: :class:`deq_jax.linen.DEQ` (Flax Linen),
 """
 
 from deq_jax import linen, nnx, solvers, weight_norm
+from deq_jax.correction import Correction
 from deq_jax.deq import (
     BackwardStats,
     Phantom,
@@ -29,6 +30,7 @@ __version__ = "0.3.0"
 
 __all__ = [
     "BackwardStats",
+    "Correction",
     "DEQStats",
     "Phantom",
     "SolverConfig",

@@ -302,7 +302,7 @@ def _implicit_vjp(f, backward, params, x, z_star, g):
 
 def _phantom_vjp(f, phantom, params, x, z_star, g):
     def unrolled_from_star(p, xx):
-        return _damped_unroll(f, p, xx, z_star, phantom.steps, phantom.damping)
+        return damped_unroll(f, p, xx, z_star, phantom.steps, phantom.damping)
 
     _, vjp_px = jax.vjp(unrolled_from_star, params, x)
     batch = jax.tree.leaves(z_star)[0].shape[0]
@@ -317,7 +317,10 @@ def _phantom_vjp(f, phantom, params, x, z_star, g):
     return vjp_px(g), stats
 
 
-def _damped_unroll(f, params, x, z, steps, damping):
+def damped_unroll(f: Callable, params: PyTree, x: PyTree, z: PyTree, steps: int, damping: float) -> PyTree:
+    """``steps`` damped applications of f from z, differentiated normally:
+    ``z_{i+1} = (1 - damping) f(params, x, z_i) + damping z_i``."""
+
     def body(z, _):
         fz = f(params, x, z)
         return jax.tree.map(lambda a, b: (1.0 - damping) * a + damping * b, fz, z), None
@@ -352,4 +355,4 @@ def unrolled(f: Callable, params: PyTree, x: PyTree, z0: PyTree, num_layers: int
     """
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-    return _damped_unroll(f, params, x, z0, num_layers, 0.0)
+    return damped_unroll(f, params, x, z0, num_layers, 0.0)

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from deq_jax import correction as fpc
 from deq_jax import deq, jacobian
 from deq_jax.mixed_precision import in_compute_dtype
 from deq_jax.solvers import base
@@ -38,10 +39,14 @@ class DEQStats(NamedTuple):
       jr: ``[B]`` float32 Hutchinson estimate of ``||J_f(z*)||_F^2 / d`` at the constant
         ``stop_gradient(z*)``, differentiable in ``params`` and ``x`` (the paper's JR
         term); ``None`` unless JR keys were given.
+      states: with fixed-point correction (:class:`deq_jax.Correction`), the
+        ``n_states`` states to supervise, the last being z* (``correction.loss(loss_fn,
+        states)``); otherwise ``None``.
     """
 
     result: base.SolverResult | None
     jr: Array | None
+    states: tuple | None = None
 
 
 def equilibrium(
@@ -60,6 +65,7 @@ def equilibrium(
     jr_mode: str = "vjp",
     jr_if: Array | bool | None = None,
     compute_dtype: Any = None,
+    correction: fpc.Correction | None = None,
 ) -> tuple[PyTree, DEQStats]:
     """z* of ``z = f(params, x, z)`` (or ``unroll`` applications of f), with its statistics.
 
@@ -86,6 +92,10 @@ def equilibrium(
       compute_dtype: None, or a dtype (e.g. ``jnp.bfloat16``) to evaluate f in, everywhere
         (solve, unroll, JR term); params, z and the solver stay in their own dtypes
         (:mod:`deq_jax.mixed_precision`).
+      correction: None, or a :class:`deq_jax.Correction`: the forward solve records the
+        iterates at ``correction.steps(forward.max_steps)`` and ``stats.states`` holds the
+        states to supervise (fixed-point correction, :mod:`deq_jax.correction`). Ignored
+        with ``unroll``.
 
     Returns:
       ``(z, stats)``: z with z0's structure and a :class:`DEQStats`.
@@ -103,16 +113,21 @@ def equilibrium(
       True
     """
     f = in_compute_dtype(f, compute_dtype)
+    states = None
     if unroll is None:
+        if correction is not None:
+            forward = fpc.with_snapshots(forward, correction)
         z, result = deq.fixed_point(
             f, params, x, z0, forward=forward, backward=backward, probe=probe, step_limit=step_limit
         )
+        if correction is not None:
+            states = fpc.supervised_states(f, params, x, result.snapshots, z, correction.phantom)
     else:
         z, result = deq.unrolled(f, params, x, z0, unroll), None
     jr = None
     if jr_keys is not None:
         jr = jacobian_term(f, params, x, z, jr_keys, jr_probes, jr_if, mode=jr_mode)
-    return z, DEQStats(result, jr)
+    return z, DEQStats(result, jr, states)
 
 
 def jacobian_term(

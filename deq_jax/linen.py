@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from deq_jax import deq
+from deq_jax.correction import Correction
 from deq_jax.layer import DEQStats, equilibrium
 from deq_jax.mixed_precision import in_compute_dtype
 from deq_jax.weight_norm import conv, weight_norm
@@ -64,6 +65,8 @@ class DEQ(nn.Module):
         :func:`deq_jax.equilibrium`).
       compute_dtype: None, or a dtype (e.g. ``jnp.bfloat16``) to evaluate the cell in;
         its parameters, z and the solver stay float32 (:mod:`deq_jax.mixed_precision`).
+      correction: None, or a :class:`deq_jax.Correction` (fixed-point correction):
+        ``stats.states`` then holds the states to supervise, the last being z*.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, deq_jax
@@ -88,6 +91,7 @@ class DEQ(nn.Module):
     jr_probes: int = 1
     jr_mode: str = "vjp"
     compute_dtype: Any = None
+    correction: Correction | None = None
 
     def __call__(
         self,
@@ -103,6 +107,7 @@ class DEQ(nn.Module):
         jr_mode: str | None = None,
         forward: deq.SolverConfig | None = None,
         backward: deq.SolverConfig | deq.Phantom | None = None,
+        correction: Correction | None = None,
     ) -> tuple[PyTree, DEQStats]:
         """Solves ``z = cell(x, z)`` from ``z0`` (default: zeros like ``x``).
 
@@ -112,8 +117,8 @@ class DEQ(nn.Module):
           step_limit, probe: see :func:`deq_jax.fixed_point`.
           unroll, jr_keys, jr_if: see :func:`deq_jax.equilibrium` (``unroll=k``:
             pretraining through k cell applications; ``jr_keys``: request the JR term).
-          jr_probes, jr_mode, forward, backward: override the layer's attributes for this call
-            (e.g. a larger step budget at evaluation).
+          jr_probes, jr_mode, forward, backward, correction: override the layer's attributes
+            for this call (e.g. a larger step budget at evaluation).
 
         Returns:
           ``(z, stats)``: z with z0's structure and a :class:`deq_jax.DEQStats`.
@@ -137,6 +142,7 @@ class DEQ(nn.Module):
             jr_probes=jr_probes or self.jr_probes,
             jr_mode=jr_mode or self.jr_mode,
             jr_if=jr_if,
+            correction=correction or self.correction,
         )
 
     def cell_function(self):

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deq_jax import deq
+from deq_jax.correction import Correction
 from deq_jax.layer import DEQStats, equilibrium
 from deq_jax.mixed_precision import check_compute_dtype, in_compute_dtype
 from deq_jax.weight_norm import conv, weight_norm
@@ -61,6 +62,8 @@ class DEQ(nnx.Module):
         :func:`deq_jax.equilibrium`).
       compute_dtype: None, or a dtype (e.g. ``jnp.bfloat16``) to evaluate the cell in;
         its parameters, z and the solver stay float32 (:mod:`deq_jax.mixed_precision`).
+      correction: None, or a :class:`deq_jax.Correction` (fixed-point correction):
+        ``stats.states`` then holds the states to supervise, the last being z*.
 
     Example:
       >>> import jax, jax.numpy as jnp, deq_jax
@@ -87,6 +90,7 @@ class DEQ(nnx.Module):
         jr_probes: int = 1,
         jr_mode: str = "vjp",
         compute_dtype: Any = None,
+        correction: Correction | None = None,
     ):
         check_compute_dtype(compute_dtype)
         self.cell = cell
@@ -95,6 +99,7 @@ class DEQ(nnx.Module):
         self.jr_probes = jr_probes
         self.jr_mode = jr_mode
         self.compute_dtype = compute_dtype
+        self.correction = correction
 
     def __call__(
         self,
@@ -110,6 +115,7 @@ class DEQ(nnx.Module):
         jr_mode: str | None = None,
         forward: deq.SolverConfig | None = None,
         backward: deq.SolverConfig | deq.Phantom | None = None,
+        correction: Correction | None = None,
     ) -> tuple[PyTree, DEQStats]:
         """Solves ``z = cell(x, z)`` from ``z0`` (default: zeros like ``x``).
 
@@ -132,6 +138,7 @@ class DEQ(nnx.Module):
             jr_probes=jr_probes or self.jr_probes,
             jr_mode=jr_mode or self.jr_mode,
             jr_if=jr_if,
+            correction=correction or self.correction,
         )
 
     def cell_function(self):

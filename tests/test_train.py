@@ -524,7 +524,10 @@ def test_sigterm_saves_at_the_next_log_boundary_and_prints_the_command_that_resu
     env = dict(os.environ, PYTHONPATH=str(ROOT))
 
     def start(run):
-        command = [sys.executable, "-m", "experiments.train", f"--config={config}", f"--workdir={run}", "--noprogress"]
+        # An override equal to the file's value: --config.* flags reach the run (they were once parsed twice,
+        # which absl refused) and travel into the resume command.
+        command = [sys.executable, "-m", "experiments.train", f"--config={config}", "--config.train.num_steps=40",
+                   f"--workdir={run}", "--noprogress"]
         return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
     reference, run = tmp_path / "reference", tmp_path / "stopped"
@@ -549,6 +552,7 @@ def test_sigterm_saves_at_the_next_log_boundary_and_prints_the_command_that_resu
     assert "Traceback" not in out, out[-3000:]
     resume = match.group(1).split()
     assert resume[:3] == ["python3", "-m", "experiments.train"] and resume[-2:] == [f"--workdir={run}", "--resume"]
+    assert "--config.train.num_steps=40" in resume
     done = subprocess.run([sys.executable] + resume[1:], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

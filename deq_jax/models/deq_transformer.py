@@ -309,12 +309,17 @@ class DEQTransformer(nn.Module):
         x = self.inject(tokens, dropout_keys, memory)
         z, stats = self.deq(x, self.initial_state(x), **layer_args)
         new_memory = None if memory is None else update_memory(memory, z + x["injection"])
+        logits, target_log_prob = self.readout(z, targets)
+        corrections = None if stats.states is None else tuple(self.readout(s, targets) for s in stats.states[:-1])
+        return ModelOutput(logits, z, x, stats, new_memory, target_log_prob, corrections)
+
+    def readout(self, z: Array, targets: Array | None) -> tuple[Array | None, Array | None]:
+        """``(logits, target_log_prob)`` of a state ``[B, T, d_model]``: logits ``[B, T, vocab]``
+        (None with adaptive softmax and targets), ``log p(target)`` ``[B, T]`` (None without targets)."""
         if targets is None:
-            return ModelOutput(self.head(z), z, x, stats, new_memory)
+            return self.head(z), None
         if self.adaptive:
-            logits, target_log_prob = None, self.softmax.log_prob(self.final_norm(z), targets)
-        else:
-            logits = self.head(z)
-            log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-            target_log_prob = jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
-        return ModelOutput(logits, z, x, stats, new_memory, target_log_prob)
+            return None, self.softmax.log_prob(self.final_norm(z), targets)
+        logits = self.head(z)
+        log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return logits, jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]

@@ -365,9 +365,10 @@ class MDEQ(nn.Module):
 
         ``dropout_keys``: see :meth:`inject`. ``layer_args`` go to the
         :class:`deq_jax.linen.DEQ` layer: ``unroll``, ``step_limit``, ``probe``, ``jr_keys``,
-        ``jr_if``, ``jr_probes``, ``jr_mode``, ``forward``, ``backward`` (``model.init(key, images,
+        ``jr_if``, ``jr_probes``, ``jr_mode``, ``forward``, ``backward``, ``correction`` (``model.init(key, images,
         unroll=1)`` initializes without a solve).
         """
         x = self.inject(images, dropout_keys)
         z, stats = self.deq(x, self.initial_state(x), **layer_args)
-        return ModelOutput(self.head(z), z, x, stats)
+        corrections = None if stats.states is None else tuple((self.head(s), None) for s in stats.states[:-1])
+        return ModelOutput(self.head(z), z, x, stats, corrections=corrections)

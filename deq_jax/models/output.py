@@ -21,6 +21,10 @@ class ModelOutput(NamedTuple):
       memory: the segment memory for the next segment (models with one), else None.
       target_log_prob: ``log p(target)`` per target when the call was given targets
         (language models), else None.
+      corrections: with fixed-point correction (``correction=`` in the call), one
+        ``(logits, target_log_prob)`` pair per supervised state before z*
+        (``stats.states[:-1]``), each read out like ``logits`` and ``target_log_prob``;
+        else None.
     """
 
     logits: jax.Array
@@ -29,3 +33,4 @@ class ModelOutput(NamedTuple):
     stats: DEQStats
     memory: Any = None
     target_log_prob: Any = None
+    corrections: tuple | None = None

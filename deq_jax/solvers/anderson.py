@@ -89,6 +89,7 @@ def anderson(
     causal_axis: int | None = None,
     precision: str | None = None,
     early_exit: bool = True,
+    snapshots: tuple[int, ...] = (),
     memory: int = 5,
     regularization: float = 1e-4,
     mixing: float = 1.0,
@@ -103,7 +104,7 @@ def anderson(
       precision: matmul precision of f's evaluations: None (the platform default,
         TF32 for float32 on NVIDIA GPUs) or a ``jax.default_matmul_precision`` value such
         as ``"highest"`` (full float32); see ``solvers.base.MATMUL_PRECISIONS``.
-      early_exit: as for :func:`deq_jax.solvers.broyden`.
+      early_exit, snapshots: as for :func:`deq_jax.solvers.broyden`.
       memory: ``m``, the number of past iterates mixed.
       regularization: ``lam``, Tikhonov weight relative to the mean squared residual.
       mixing: ``beta`` in (0, 1]; 1 mixes the f values, smaller values damp.
@@ -130,5 +131,5 @@ def anderson(
         raise ValueError(f"mixing must be in (0, 1], got {mixing!r}")
     return base.solve(
         _method(memory, regularization, mixing), f, z0, max_steps, tol, stop_mode, step_limit, causal_axis, precision,
-        early_exit,
+        early_exit, snapshots,
     )

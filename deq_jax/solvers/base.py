@@ -79,6 +79,11 @@ class SolverResult(NamedTuple):
       nonfinite: ``[B]`` bool, a NaN/Inf was met for this example (``z`` is then the
         best finite iterate seen, or ``z0`` itself if ``f(z0)`` was not finite).
       f_evals: ``[]`` int32, how many times ``f`` was evaluated on the batch.
+      snapshots: one z-like pytree per step count in the solve's ``snapshots`` argument
+        (empty by default): the iterate the solve would have returned had its step limit
+        been that count, i.e. the lowest-residual iterate of the first ``k`` updates
+        (causal: the last); what fixed-point correction supervises. Not differentiable
+        through :func:`deq_jax.fixed_point` (its gradient is zero).
     """
 
     z: PyTree
@@ -90,6 +95,7 @@ class SolverResult(NamedTuple):
     converged: Array
     nonfinite: Array
     f_evals: Array
+    snapshots: tuple = ()
 
 
 class Method(NamedTuple):
@@ -116,6 +122,16 @@ def validate(max_steps, tol, stop_mode) -> None:
         raise ValueError(f"tol must be a positive number, got {tol!r}")
     if stop_mode not in STOP_MODES:
         raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
+
+
+def check_snapshots(snapshots, max_steps: int) -> tuple[int, ...]:
+    """``snapshots`` as a tuple of increasing step counts in ``[1, max_steps]``, or ``ValueError``."""
+    steps = tuple(snapshots) if isinstance(snapshots, (tuple, list)) else None
+    if steps is None or not all(
+        isinstance(k, (int, np.integer)) and not isinstance(k, bool) and 1 <= k <= max_steps for k in steps
+    ) or list(steps) != sorted(set(steps)):
+        raise ValueError(f"snapshots must be increasing step counts in [1, max_steps={max_steps}], got {snapshots!r}")
+    return tuple(int(k) for k in steps)
 
 
 def check_precision(precision) -> None:
@@ -316,6 +332,7 @@ class _Loop(NamedTuple):
     nonfinite: Array
     abs_trace: Array  # [max_steps + 1, B] of the whole example
     rel_trace: Array
+    snaps: Array  # [len(snapshots), *best_z.shape]: best_z after each snapshot's step count
 
 
 def solve(
@@ -329,6 +346,7 @@ def solve(
     causal_axis: int | None = None,
     precision: str | None = None,
     early_exit: bool = True,
+    snapshots: tuple[int, ...] = (),
 ) -> SolverResult:
     """Runs ``method`` on ``z = f(z)`` from ``z0`` with the shared bookkeeping (see module doc).
 
@@ -343,8 +361,11 @@ def solve(
     does so every step otherwise); steps past that point change nothing (every example is
     frozen, trace rows are NaN as if not run), but f still runs: ``f_evals`` is then
     ``max_steps + 1``. Every other field of the result is the same as with early exit.
+    ``snapshots`` (optional): increasing step counts k; the result's ``snapshots`` then holds,
+    for each, the iterate this solve returns with ``step_limit=k`` (one extra copy of z each).
     """
     validate(max_steps, tol, stop_mode)
+    snapshots = check_snapshots(snapshots, max_steps)
     if not isinstance(early_exit, bool):
         raise ValueError(f"early_exit must be True or False, got {early_exit!r}")
     f = at_precision(f, precision)
@@ -384,7 +405,9 @@ def solve(
         nonfinite=~finite0,
         abs_trace=nan_trace.at[0].set(whole(abs0)),
         rel_trace=nan_trace.at[0].set(whole(rel0)),
+        snaps=jnp.zeros((len(snapshots),) + z0_mat.shape, dtype),
     )
+    snap_steps = jnp.asarray(snapshots, jnp.int32).reshape((-1,) + (1,) * z0_mat.ndim)
 
     def cond(s: _Loop):
         return (s.k < limit) & ~jnp.all(s.stopped)
@@ -423,13 +446,14 @@ def solve(
             back = failed[..., None]
             z = jnp.where(back, s.z, z)
             fz = jnp.where(back, z, fz)  # z, not s.z: s.z's buffer is then free (no copy of it)
+        best_z = jnp.where(keep, z, s.best_z)
         return _Loop(
             k=k,
             z=z,
             fz=fz,
             method_state=method_state,
             stopped=s.stopped | failed | met,
-            best_z=jnp.where(keep, z, s.best_z),
+            best_z=best_z,
             best_metric=jnp.where(improved, metric, s.best_metric),
             best_abs=jnp.where(improved, abs_res, s.best_abs),
             best_rel=jnp.where(improved, rel_res, s.best_rel),
@@ -437,6 +461,7 @@ def solve(
             nonfinite=s.nonfinite | failed,
             abs_trace=s.abs_trace.at[k].set(row(ran, abs_res)),
             rel_trace=s.rel_trace.at[k].set(row(ran, rel_res)),
+            snaps=jnp.where(snap_steps == k, best_z[None], s.snaps),
         )
 
     def row(ran, residuals):  # a trace row: NaN for a step the early-exit loop would not run
@@ -446,6 +471,9 @@ def solve(
         s = jax.lax.while_loop(cond, body, state)
     else:
         s = jax.lax.fori_loop(0, max_steps, lambda _, s: body(s), state)
+    # A snapshot the loop never reached (every example stopped, or the step limit came first)
+    # is the final iterate: the solve limited to that many steps returns it too.
+    snaps = jnp.where(snap_steps > s.k, s.best_z[None], s.snaps)
     # Causal: the last position's prefix covers the whole example; it is the last to stop.
     return SolverResult(
         z=unravel(s.best_z),
@@ -457,4 +485,5 @@ def solve(
         converged=(jnp.max(s.best_metric, axis=1) if causal else s.best_metric) < tol,
         nonfinite=jnp.any(s.nonfinite, axis=1) if causal else s.nonfinite,
         f_evals=s.k + 1,
+        snapshots=tuple(unravel(snap) for snap in snaps),
     )

@@ -164,6 +164,7 @@ def broyden(
     causal_axis: int | None = None,
     precision: str | None = None,
     early_exit: bool = True,
+    snapshots: tuple[int, ...] = (),
     memory: int = DEFAULT_MEMORY,
 ) -> base.SolverResult:
     """Solves ``z = f(z)`` per example with limited-memory Broyden.
@@ -187,6 +188,9 @@ def broyden(
         ``max_steps`` steps (the same result, ``f_evals = max_steps + 1``), a trip count
         known at compile time, so that a GPU does not copy the loop's predicate to the
         host every step; for short solves that mostly run to their limit (training).
+      snapshots: increasing step counts k (default none): ``result.snapshots`` then
+        holds, for each, the iterate the solve returns with ``step_limit=k``, recorded
+        on the way (fixed-point correction supervises them).
       memory: secant pairs kept (the last ones); costs ``2 * memory * B * D`` floats.
 
     Returns:
@@ -205,4 +209,6 @@ def broyden(
         raise ValueError(f"memory must be a positive int, got {memory!r}")
     base.validate(max_steps, tol, stop_mode)
     memory = min(memory, max_steps)  # a solve never makes more pairs than steps: no unused slots
-    return base.solve(_method(memory), f, z0, max_steps, tol, stop_mode, step_limit, causal_axis, precision, early_exit)
+    return base.solve(
+        _method(memory), f, z0, max_steps, tol, stop_mode, step_limit, causal_axis, precision, early_exit, snapshots
+    )

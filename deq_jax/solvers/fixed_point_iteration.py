@@ -28,6 +28,7 @@ def fixed_point_iteration(
     causal_axis: int | None = None,
     precision: str | None = None,
     early_exit: bool = True,
+    snapshots: tuple[int, ...] = (),
     damping: float = 0.0,
 ) -> base.SolverResult:
     """Solves ``z = f(z)`` per example by iterating ``f``.
@@ -44,7 +45,7 @@ def fixed_point_iteration(
       precision: matmul precision of f's evaluations: None (the platform default,
         TF32 for float32 on NVIDIA GPUs) or a ``jax.default_matmul_precision`` value such
         as ``"highest"`` (full float32); see ``solvers.base.MATMUL_PRECISIONS``.
-      early_exit: as for :func:`deq_jax.solvers.broyden`.
+      early_exit, snapshots: as for :func:`deq_jax.solvers.broyden`.
       damping: weight of the old iterate; 0 is plain iteration.
 
     Returns:
@@ -62,5 +63,5 @@ def fixed_point_iteration(
     if not 0 <= damping < 1:
         raise ValueError(f"damping must be in [0, 1), got {damping!r}")
     return base.solve(
-        _method(damping), f, z0, max_steps, tol, stop_mode, step_limit, causal_axis, precision, early_exit
+        _method(damping), f, z0, max_steps, tol, stop_mode, step_limit, causal_axis, precision, early_exit, snapshots
     )

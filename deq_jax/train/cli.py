@@ -137,7 +137,7 @@ def run() -> None:
         _help(full=any(asked))
         sys.exit(0)
     try:  # a usage error is one line and exit status 2, as command-line tools do; a traceback means a bug
-        FLAGS(sys.argv)
+        remaining = FLAGS(sys.argv)
         if FLAGS.resume and not FLAGS.workdir:
             raise ValueError("--resume needs --workdir, the run folder to continue")
         from deq_jax.train.config import resolve
@@ -145,7 +145,8 @@ def run() -> None:
         resolve(FLAGS.config)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         usage_error(str(e))
-    app.run(main)
+    # Parsed once, here: parsing again would define ml_collections' --config.* override flags twice.
+    app.run(main, flags_parser=lambda _: remaining)
 
 
 def usage_error(message: str) -> None:

@@ -126,6 +126,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.jr.gamma_min = 0.05
     c.jr.gamma_max = 10.0
 
+    # Fixed-point correction (deq_jax.Correction) of the DEQ training steps: the loss of n_states
+    # iterates of the forward solve, the last z*, weighted gamma^(n_states - 1 - i); 1 = z* only.
+    c.correction = ml_collections.ConfigDict()
+    c.correction.n_states = 1
+    c.correction.gamma = 0.8
+
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adam"  # adam | sgd (momentum, nesterov)
     c.optim.learning_rate = 2e-3
@@ -274,6 +280,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(j.up >= 1 and 0 < j.down <= 1, "jr.up must be >= 1 and jr.down in (0, 1]")
     _require(0 <= j.ema < 1 and 0 <= j.slack < 1, "jr.ema and jr.slack must be in [0, 1)")
     _require(0 < j.gamma_min <= j.gamma_max, "need 0 < jr.gamma_min <= jr.gamma_max")
+    _require(
+        isinstance(c.correction.n_states, int) and 1 <= c.correction.n_states <= c.forward.max_steps,
+        f"correction.n_states must be in [1, forward.max_steps={c.forward.max_steps}], got {c.correction.n_states!r}",
+    )
+    _require(0 < c.correction.gamma <= 1, f"correction.gamma must be in (0, 1], got {c.correction.gamma}")
     o = c.optim
     _require(o.name in OPTIMIZERS, f"optim.name must be one of {OPTIMIZERS}, got {o.name!r}")
     _require(o.learning_rate > 0 and o.warmup_steps >= 0, "optim.learning_rate must be > 0, warmup_steps >= 0")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from deq_jax import deq, layer
+from deq_jax.correction import Correction
 from deq_jax.data.text import TEXT_DATA
 from deq_jax.models.deq_transformer import empty_memory
 from deq_jax.solvers import base
@@ -30,6 +31,7 @@ class Solvers(NamedTuple):
     backward: deq.SolverConfig | deq.Phantom
     eval_forward: deq.SolverConfig
     pretrain_layers: int
+    correction: Correction | None = None  # fixed-point correction of DEQ training steps
 
 
 def solvers_from_config(c) -> Solvers:
@@ -53,7 +55,9 @@ def solvers_from_config(c) -> Solvers:
     eval_forward = deq.SolverConfig(
         f.solver, c.eval.max_steps, f.tol, f.stop_mode, causal_axis=causal_axis, precision=f.precision
     )
-    return Solvers(forward, backward, eval_forward, c.train.pretrain_layers)
+    n = c.correction.n_states
+    correction = Correction(n, c.correction.gamma) if n > 1 else None
+    return Solvers(forward, backward, eval_forward, c.train.pretrain_layers, correction)
 
 
 def cell_fn(model: nn.Module):
@@ -73,6 +77,7 @@ class Forward(NamedTuple):
     jr: Array | None  # [B] JR term when jr_keys were given
     memory: Any = None  # the next segment's memory (models with one)
     nll: Array | None = None  # -log p(target), shaped like the targets, when targets were given
+    correction_nll: tuple | None = None  # with fixed-point correction: nll of each supervised state before z*
 
 
 def initial_memory(model: nn.Module, batch: int):
@@ -98,18 +103,24 @@ def forward(
     jr_mode: str = "vjp",
     memory: Any = None,
     targets: Array | None = None,
+    correction: Correction | None = None,
 ) -> Forward:
     """Inputs -> logits through the equilibrium (``mode="deq"``) or k unrolled cells
     (``"unrolled"``), with the ``[B]`` JR term when ``jr_keys`` are given (``jr_probes``
     probes per example, estimated by ``jr_mode``; see :func:`deq_jax.equilibrium`);
     ``memory``: the segment memory of a model with one; ``targets``: also return each
     target's negative log-likelihood (``nll``; a model with adaptive softmax then forms no
-    full distribution and ``logits`` is None)."""
+    full distribution and ``logits`` is None); ``correction``: fixed-point correction
+    (needs ``targets``; ``correction_nll`` is then the nll of each supervised state before z*)."""
     if mode not in ("deq", "unrolled"):
         raise ValueError(f"mode must be 'deq' or 'unrolled', got {mode!r}")
     extra = {} if memory is None else {"memory": memory}
     if targets is not None and getattr(model, "adaptive", False):
         extra["targets"] = targets
+    if correction is not None:
+        if targets is None:
+            raise ValueError("fixed-point correction needs the targets")
+        extra["correction"] = correction
     out = model.apply(
         {"params": params},
         inputs,
@@ -124,10 +135,16 @@ def forward(
         jr_probes=jr_probes,
         jr_mode=jr_mode,
     )
-    nll = None
+    nll = correction_nll = None
     if targets is not None:
-        nll = -out.target_log_prob if out.target_log_prob is not None else cross_entropy(out.logits, targets)
-    return Forward(out.logits, out.z, out.x, out.stats.result, out.stats.jr, out.memory, nll)
+        nll = _nll(out.logits, out.target_log_prob, targets)
+    if out.corrections is not None:
+        correction_nll = tuple(_nll(logits, log_p, targets) for logits, log_p in out.corrections)
+    return Forward(out.logits, out.z, out.x, out.stats.result, out.stats.jr, out.memory, nll, correction_nll)
+
+
+def _nll(logits: Array | None, target_log_prob: Array | None, targets: Array) -> Array:
+    return -target_log_prob if target_log_prob is not None else cross_entropy(logits, targets)
 
 
 def jacobian_penalty(model, params, x, z, keys: Array, num_probes: int) -> Array:

@@ -177,7 +177,8 @@ def make_train_step(
     ``ValueError`` if ``jr`` but the mode's JR weight is 0. ``inputs``/``targets`` are the
     global batch (images ``[B, H, W, C]`` and labels ``[B]``, or tokens ``[B, T]`` and
     next tokens ``[B, T]``), sharded (or shardable) along ``data``. ``metrics`` is a dict
-    of float32 scalars: loss (task, mean over targets), accuracy, jr (NaN when not
+    of float32 scalars: loss (task, mean over targets, of z* alone also with fixed-point
+    correction, whose weighted sum over the supervised states is what is minimized), accuracy, jr (NaN when not
     applied), gamma (the JR weight of this step: ``jr.pretrain_gamma`` while pretraining),
     lr, jr_applied, step_limit, fwd_steps, fwd_residual, fwd_converged, bwd_steps,
     bwd_residual (per-example means), fwd_nfe and bwd_nfe (f and VJP evaluations of the
@@ -190,6 +191,7 @@ def make_train_step(
     setup = objective.solvers_from_config(c)
     schedule = schedules.from_config(c)
     implicit = isinstance(setup.backward, deq.SolverConfig)
+    correction = setup.correction if mode == "deq" else None
     if jr and not jr_weight_enabled(c, mode):
         raise ValueError(f"a {mode!r} train step with jr=True, but the config gives JR no weight in this mode "
                          "(jr.gamma / jr.pretrain_gamma is 0)")
@@ -217,11 +219,15 @@ def make_train_step(
                 jr_mode=c.jr.mode,
                 memory=memory,
                 targets=targets,
+                correction=correction,
             )
             task = jnp.mean(out.nll)
+            objective_task = task
+            if correction is not None:  # sum_i gamma^(n-1-i) L(z_i), the last z_i = z*
+                objective_task = correction.loss(jnp.mean, (*out.correction_nll, out.nll))
             jr_term = jnp.mean(out.jr) if jr else jnp.float32(0.0)
             # The local mean: gradients are averaged over the mesh below (equal shards).
-            return task + gamma * jr_term, (task, jr_term, out)
+            return objective_task + gamma * jr_term, (task, jr_term, out)
 
         (_, (task, jr_term, out)), (grads, probe_grad) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
             params, probe
