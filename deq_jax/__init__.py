@@ -17,6 +17,7 @@ from deq_jax.correction import Correction
 from deq_jax.deq import (
     BackwardStats,
     Phantom,
+    Reversible,
     SolverConfig,
     adjoint_solve,
     fixed_point,
@@ -33,6 +34,7 @@ __all__ = [
     "Correction",
     "DEQStats",
     "Phantom",
+    "Reversible",
     "SolverConfig",
     "SolverResult",
     "adjoint_solve",

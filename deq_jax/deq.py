@@ -26,9 +26,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from deq_jax import solvers
 from deq_jax.solvers import base
+from deq_jax.solvers.reversible import DEFAULT_BETA, iterate
 
 Array = jax.Array
 PyTree = Any
@@ -105,6 +107,24 @@ class Phantom:
             raise ValueError(f"Phantom.damping must be in [0, 1), got {self.damping!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Reversible:
+    """The exact gradient of the reversible coupled iteration (RevDEQ), for a forward
+    ``SolverConfig("reversible", ...)``: the backward pass runs the n steps each example
+    took in reverse, rebuilding y_k and z_k algebraically from y_{k+1} and z_{k+1} instead
+    of storing them, and accumulates the gradient of exactly that n-step computation (two
+    VJPs of f a step; memory independent of n). See :mod:`deq_jax.solvers.reversible`.
+
+    Attributes:
+      precision: matmul precision of the VJPs of f (as :class:`SolverConfig`'s).
+    """
+
+    precision: str | None = None
+
+    def __post_init__(self):
+        base.check_precision(self.precision)
+
+
 class BackwardStats(NamedTuple):
     """Per-example statistics of the backward pass, each ``[B]`` float32.
 
@@ -134,9 +154,14 @@ DEFAULT_FORWARD = SolverConfig("broyden", max_steps=30, tol=1e-3)
 DEFAULT_BACKWARD = SolverConfig("broyden", max_steps=30, tol=1e-4)
 
 
-def _check_backward(backward):
-    if not isinstance(backward, (SolverConfig, Phantom)):
-        raise ValueError(f"backward must be a SolverConfig (implicit) or a Phantom, got {backward!r}")
+def _check_backward(backward, forward=None):
+    if not isinstance(backward, (SolverConfig, Phantom, Reversible)):
+        raise ValueError(f"backward must be a SolverConfig (implicit), a Phantom or a Reversible, got {backward!r}")
+    if isinstance(backward, Reversible) and forward is not None and forward.name != "reversible":
+        raise ValueError(
+            f"backward=Reversible() reverses the reversible solver: use forward=SolverConfig('reversible', ...), "
+            f"got forward solver {forward.name!r}"
+        )
 
 
 def fixed_point(
@@ -159,8 +184,9 @@ def fixed_point(
         z0's batch size as its leading axis.
       z0: initial batch; the gradient with respect to it is zero.
       forward: the forward solver.
-      backward: a :class:`SolverConfig` for the implicit backward solve, or a
-        :class:`Phantom`.
+      backward: a :class:`SolverConfig` for the implicit backward solve, a
+        :class:`Phantom`, or :class:`Reversible` (with the ``"reversible"`` forward solver:
+        the exact gradient of its steps; the gradient with respect to z0 is then exact too).
       probe: optional :class:`BackwardStats` of zeros; its cotangent is the
         backward-pass statistics (see module doc).
       step_limit: optional int scalar, may be traced: the forward solve stops after
@@ -190,14 +216,15 @@ def fixed_point(
     """
     if not isinstance(forward, SolverConfig):
         raise ValueError(f"forward must be a SolverConfig, got {forward!r}")
-    _check_backward(backward)
+    _check_backward(backward, forward)
     if step_limit is not None:
         step_limit = jnp.asarray(step_limit, jnp.int32)
         if step_limit.shape != ():
             raise ValueError(f"step_limit must be a scalar, got shape {step_limit.shape}")
     _check_batch(x, z0)
+    solve = _reversible_fixed_point if isinstance(backward, Reversible) else _fixed_point
     try:
-        return _fixed_point(f, forward, backward, params, x, z0, probe, step_limit)
+        return solve(f, forward, backward, params, x, z0, probe, step_limit)
     except jax.errors.UnexpectedTracerError as e:
         raise _closure_error(e) from e
 
@@ -277,6 +304,106 @@ def _backward(f, backward, residuals, cotangent):
 
 
 _fixed_point.defvjp(_fixed_point_fwd, _fixed_point_bwd)
+
+
+def _reversible_forward(f, forward, params, x, z0, step_limit):
+    options = dict(forward.options)
+    return iterate(
+        lambda z: f(params, x, z), z0, max_steps=forward.max_steps, tol=forward.tol, stop_mode=forward.stop_mode,
+        step_limit=step_limit, causal_axis=forward.causal_axis, precision=forward.precision, **options,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _reversible_fixed_point(f, forward, backward, params, x, z0, probe, step_limit):
+    result, _ = _reversible_forward(f, forward, params, x, z0, step_limit)
+    return result.z, result
+
+
+def _reversible_fwd(f, forward, backward, params, x, z0, probe, step_limit):
+    result, trajectory = _reversible_forward(f, forward, params, x, z0, step_limit)
+    return (result.z, result), (params, x, z0, trajectory, probe)
+
+
+def _reversible_bwd(f, forward, backward, residuals, cotangent):
+    params, x, z0, trajectory, probe = residuals
+    g = jax.tree.map(jnp.add, cotangent[0], cotangent[1].z)
+    try:
+        (d_params, d_x, d_z0), loop_steps = reverse(f, forward, backward, params, x, z0, trajectory, g)
+    except jax.errors.UnexpectedTracerError as e:
+        raise _closure_error(e) from e
+    d_probe = None
+    if probe is not None:
+        batch = trajectory.z.shape[0]
+        steps = trajectory.steps[:, -1] if trajectory.steps.ndim == 2 else trajectory.steps
+        stats = BackwardStats(
+            n_steps=steps.astype(jnp.float32),
+            abs_residual=jnp.full((batch,), jnp.nan, jnp.float32),
+            rel_residual=jnp.full((batch,), jnp.nan, jnp.float32),
+            converged=jnp.zeros((batch,), jnp.float32),
+            vjp_evals=jnp.full((batch,), 2 * loop_steps, jnp.float32),
+            nonfinite=jnp.zeros((batch,), jnp.float32),
+        )
+        d_probe = jax.tree.map(lambda p, s: s.astype(p.dtype), probe, stats)
+    return d_params, d_x, d_z0, d_probe, None
+
+
+_reversible_fixed_point.defvjp(_reversible_fwd, _reversible_bwd)
+
+
+def reverse(f, forward, backward, params, x, z0, trajectory, g):
+    """The reverse pass of the reversible iteration: from (y_n, z_n) and the cotangent g of
+    z_n, rebuild each step backwards and accumulate the gradient.
+
+    Step k -> k + 1 was ``y' = (1 - b) y + b f(z)``, ``z' = (1 - b) z + b f(y')``. Backwards:
+    ``z = (z' - b f(y')) / (1 - b)`` with ``y_bar += b z_bar J_f(y')``, then
+    ``y = (y' - b f(z)) / (1 - b)`` with ``z_bar = (1 - b) z_bar + b y_bar J_f(z)`` and
+    ``y_bar = (1 - b) y_bar``; the parameters collect ``b z_bar df/dtheta (y')`` and
+    ``b y_bar df/dtheta (z)``. An example (causal: a position) is reversed through its own
+    steps only. Returns ``((d_params, d_x, d_z0), reversed steps)``.
+    """
+    beta = dict(forward.options).get("beta", DEFAULT_BETA)
+    dtype = trajectory.z.dtype
+    _, ravel, unravel = base.ravel_positions(z0, dtype, forward.causal_axis)
+    leaves, treedef = jax.tree.flatten((params, x))
+    floating = [jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for leaf in leaves]
+
+    def merge(float_leaves):
+        it = iter(float_leaves)
+        return treedef.unflatten([next(it) if fl else leaf for leaf, fl in zip(leaves, floating, strict=True)])
+
+    def f_mat(float_leaves, z):
+        p, xx = merge(float_leaves)
+        return ravel(f(p, xx, unravel(z)))
+
+    float_leaves = [leaf for leaf, fl in zip(leaves, floating, strict=True) if fl]
+
+    def body(carry):
+        k, y, z, y_bar, z_bar, grads = carry
+        k = k - 1
+        active = (trajectory.steps > k)[..., None]
+        with base.precision_scope(backward.precision):
+            f_y, vjp_y = jax.vjp(f_mat, float_leaves, y)
+            z_prev = jnp.where(active, (z - beta * f_y) / (1.0 - beta), z)
+            g_theta, g_y = vjp_y(jnp.where(active, beta * z_bar, 0.0).astype(f_y.dtype))
+            y_bar_t = y_bar + g_y
+            f_z, vjp_z = jax.vjp(f_mat, float_leaves, z_prev)
+            y_prev = jnp.where(active, (y - beta * f_z) / (1.0 - beta), y)
+            h_theta, g_z = vjp_z(jnp.where(active, beta * y_bar_t, 0.0).astype(f_z.dtype))
+        grads = [a + b + c for a, b, c in zip(grads, g_theta, h_theta, strict=True)]
+        z_bar = jnp.where(active, (1.0 - beta) * z_bar + g_z, z_bar)
+        y_bar = jnp.where(active, (1.0 - beta) * y_bar_t, y_bar)
+        return k, y_prev, z_prev, y_bar, z_bar, grads
+
+    g_mat = ravel(g)
+    start = (trajectory.loop_steps, trajectory.y, trajectory.z, jnp.zeros_like(g_mat), g_mat,
+             [jnp.zeros_like(leaf) for leaf in float_leaves])
+    _, _, _, y_bar, z_bar, grads = jax.lax.while_loop(lambda c: c[0] > 0, body, start)
+    it = iter(grads)
+    d_leaves = [next(it) if fl else np.zeros(jnp.shape(leaf), jax.dtypes.float0)
+                for leaf, fl in zip(leaves, floating, strict=True)]
+    d_params, d_x = treedef.unflatten(d_leaves)
+    return (d_params, d_x, unravel(y_bar + z_bar)), trajectory.loop_steps
 
 
 def _stats_of(result: base.SolverResult) -> BackwardStats:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
+from test_solvers import f_evals
 
 import deq_jax
 from deq_jax import solvers
@@ -57,9 +58,10 @@ class CausalConvergenceTest(chex.TestCase):
         chex.assert_shape([result.n_steps, result.rel_residual, result.converged], (3,))
         assert bool(jnp.all(result.converged)), result.rel_residual
         np.testing.assert_allclose(result.z, z_star, atol=2e-5)
-        # The reported residual is the whole example's, at the returned iterate.
+        # The reported residual is the whole example's, at the returned iterate (up to a few
+        # float32 ulps of ||f(z)||: f rounds differently inside the compiled loop).
         abs_res, rel_res = solvers.residual_norms(result.z.reshape(3, -1), f(result.z).reshape(3, -1))
-        np.testing.assert_allclose(result.rel_residual, rel_res, rtol=1e-3, atol=1e-8)
+        np.testing.assert_allclose(result.rel_residual, rel_res, rtol=1e-3, atol=4 * np.sqrt(24) * 1.2e-7)
 
 
 @pytest.mark.parametrize("name", SOLVER_NAMES)
@@ -82,7 +84,7 @@ def test_a_prefix_alone_gives_the_same_values(name, tol):
     np.testing.assert_array_equal(prefix.z, full.z[:, :t])
     if tol == 1e-4:
         assert bool(jnp.all(full.converged)), full.rel_residual
-        assert int(full.f_evals) < 26  # tol met before the budget
+        assert int(full.f_evals) < f_evals(name, 25)  # tol met before the budget
         assert int(jnp.max(prefix.n_steps)) < int(jnp.max(full.n_steps))  # the prefix stopped earlier
 
 
@@ -214,7 +216,7 @@ def test_causal_solvers_stay_causal_when_they_converge_before_the_budget(name):
     worst, results = _worst_change_before(model, params, tokens, solver, T // 2)
     assert worst <= 1e-5, (name, worst)
     at_30 = results[-1]
-    assert bool(jnp.all(at_30.converged)) and int(at_30.f_evals) < 31  # stopped before the budget
+    assert bool(jnp.all(at_30.converged)) and int(at_30.f_evals) < f_evals(name, 30)  # stopped before the budget
 
 
 def test_causal_solving_holds_with_segment_memory():

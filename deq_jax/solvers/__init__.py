@@ -9,11 +9,13 @@ from deq_jax.solvers.anderson import anderson
 from deq_jax.solvers.base import SolverResult, residual_norms
 from deq_jax.solvers.broyden import broyden
 from deq_jax.solvers.fixed_point_iteration import fixed_point_iteration
+from deq_jax.solvers.reversible import reversible
 
 SOLVERS = {
     "broyden": broyden,
     "anderson": anderson,
     "fixed_point_iteration": fixed_point_iteration,
+    "reversible": reversible,
 }
 
 
@@ -33,4 +35,5 @@ __all__ = [
     "fixed_point_iteration",
     "get",
     "residual_norms",
+    "reversible",
 ]
