@@ -56,7 +56,7 @@ def equilibrium(
     z0: PyTree,
     *,
     forward: deq.SolverConfig = deq.DEFAULT_FORWARD,
-    backward: deq.SolverConfig | deq.Phantom = deq.DEFAULT_BACKWARD,
+    backward: deq.SolverConfig | deq.Phantom | deq.Reversible = deq.DEFAULT_BACKWARD,
     step_limit: Array | int | None = None,
     probe: deq.BackwardStats | None = None,
     unroll: int | None = None,

@@ -57,8 +57,9 @@ class DEQ(nn.Module):
         Its parameters live under this layer's ``cell`` scope when the layer is built in
         ``setup`` (under the enclosing module when the cell is built in ``@compact``).
       forward: the forward :class:`~deq_jax.SolverConfig`.
-      backward: the backward :class:`~deq_jax.SolverConfig` (implicit) or
-        :class:`~deq_jax.Phantom`.
+      backward: the backward :class:`~deq_jax.SolverConfig` (implicit), a
+        :class:`~deq_jax.Phantom`, or :class:`~deq_jax.Reversible` (with the reversible
+        forward solver).
       rng_streams: rng streams the cell may use (one key per call, fixed within a solve).
       jr_probes: Hutchinson probes per example of the JR term.
       jr_mode: ``"vjp"`` or ``"jvp"``: how the JR term is estimated (see
@@ -86,7 +87,7 @@ class DEQ(nn.Module):
 
     cell: nn.Module
     forward: deq.SolverConfig = deq.DEFAULT_FORWARD
-    backward: deq.SolverConfig | deq.Phantom = deq.DEFAULT_BACKWARD
+    backward: deq.SolverConfig | deq.Phantom | deq.Reversible = deq.DEFAULT_BACKWARD
     rng_streams: tuple[str, ...] = ("dropout",)
     jr_probes: int = 1
     jr_mode: str = "vjp"
@@ -106,7 +107,7 @@ class DEQ(nn.Module):
         jr_probes: int | None = None,
         jr_mode: str | None = None,
         forward: deq.SolverConfig | None = None,
-        backward: deq.SolverConfig | deq.Phantom | None = None,
+        backward: deq.SolverConfig | deq.Phantom | deq.Reversible | None = None,
         correction: Correction | None = None,
     ) -> tuple[PyTree, DEQStats]:
         """Solves ``z = cell(x, z)`` from ``z0`` (default: zeros like ``x``).

@@ -55,8 +55,9 @@ class DEQ(nnx.Module):
     Args:
       cell: an NNX module called as ``cell(x, z)``, returning z's structure and shapes.
       forward: the forward :class:`~deq_jax.SolverConfig`.
-      backward: the backward :class:`~deq_jax.SolverConfig` (implicit) or
-        :class:`~deq_jax.Phantom`.
+      backward: the backward :class:`~deq_jax.SolverConfig` (implicit), a
+        :class:`~deq_jax.Phantom`, or :class:`~deq_jax.Reversible` (with the reversible
+        forward solver).
       jr_probes: Hutchinson probes per example of the JR term.
       jr_mode: ``"vjp"`` or ``"jvp"``: how the JR term is estimated (see
         :func:`deq_jax.equilibrium`).
@@ -86,7 +87,7 @@ class DEQ(nnx.Module):
         cell: nnx.Module,
         *,
         forward: deq.SolverConfig = deq.DEFAULT_FORWARD,
-        backward: deq.SolverConfig | deq.Phantom = deq.DEFAULT_BACKWARD,
+        backward: deq.SolverConfig | deq.Phantom | deq.Reversible = deq.DEFAULT_BACKWARD,
         jr_probes: int = 1,
         jr_mode: str = "vjp",
         compute_dtype: Any = None,
@@ -114,7 +115,7 @@ class DEQ(nnx.Module):
         jr_probes: int | None = None,
         jr_mode: str | None = None,
         forward: deq.SolverConfig | None = None,
-        backward: deq.SolverConfig | deq.Phantom | None = None,
+        backward: deq.SolverConfig | deq.Phantom | deq.Reversible | None = None,
         correction: Correction | None = None,
     ) -> tuple[PyTree, DEQStats]:
         """Solves ``z = cell(x, z)`` from ``z0`` (default: zeros like ``x``).

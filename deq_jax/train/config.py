@@ -19,7 +19,7 @@ from deq_jax.solvers.base import MATMUL_PRECISIONS
 
 SCHEDULES = ("constant", "staircase", "adaptive")
 RANDOM_LOWER_RULES = ("every_step", "jr_steps")
-BACKWARD_MODES = ("implicit", "phantom")
+BACKWARD_MODES = ("implicit", "phantom", "reversible")
 OPTIMIZERS = ("adam", "sgd")
 JR_MODES = jacobian.MODES
 
@@ -71,7 +71,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.max_skipped_steps = 10  # consecutive non-finite (skipped) steps before the run stops
 
     c.forward = ml_collections.ConfigDict()
-    c.forward.solver = "broyden"
+    c.forward.solver = "broyden"  # broyden | anderson | fixed_point_iteration | reversible (RevDEQ's iteration)
+    c.forward.beta = 0.5  # the reversible iteration's relaxation, in (0, 2), not 1
     c.forward.max_steps = 12
     c.forward.tol = 1e-3
     c.forward.stop_mode = "rel"
@@ -89,7 +90,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.forward.early_exit = True
 
     c.backward = ml_collections.ConfigDict()
-    c.backward.mode = "implicit"  # "implicit" (adjoint solve) or "phantom"
+    # "implicit" (adjoint solve), "phantom", or "reversible" (the exact gradient of the reversible
+    # iteration by running it backwards, deq_jax.Reversible; needs forward.solver "reversible")
+    c.backward.mode = "implicit"
     c.backward.solver = "broyden"
     c.backward.max_steps = 12
     c.backward.tol = 1e-4
@@ -262,6 +265,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
     )
     _require(isinstance(c.forward.causal, bool), f"forward.causal must be True or False, got {c.forward.causal!r}")
     _require(c.backward.mode in BACKWARD_MODES, f"backward.mode must be one of {BACKWARD_MODES}")
+    _require(
+        c.backward.mode != "reversible" or c.forward.solver == "reversible",
+        f"backward.mode 'reversible' needs forward.solver 'reversible' (it runs that iteration backwards), "
+        f"got forward.solver {c.forward.solver!r}",
+    )
+    if c.forward.solver == "reversible":
+        _require(
+            isinstance(c.forward.beta, (int, float)) and 0 < c.forward.beta < 2 and c.forward.beta != 1,
+            f"forward.beta must be in (0, 2) and not 1, got {c.forward.beta!r}",
+        )
     _require(
         c.model.compute_dtype in COMPUTE_DTYPES,
         f"model.compute_dtype must be one of {COMPUTE_DTYPES}, got {c.model.compute_dtype!r}",

@@ -28,7 +28,7 @@ class Solvers(NamedTuple):
     """The solver set-up of a run (static: hashable)."""
 
     forward: deq.SolverConfig
-    backward: deq.SolverConfig | deq.Phantom
+    backward: deq.SolverConfig | deq.Phantom | deq.Reversible
     eval_forward: deq.SolverConfig
     pretrain_layers: int
     correction: Correction | None = None  # fixed-point correction of DEQ training steps
@@ -42,18 +42,22 @@ def solvers_from_config(c) -> Solvers:
     causal_axis = 1 if (f.causal and c.data.name in TEXT_DATA) else None
     # The MDEQ rule of random step limits may raise the limit by one (traced step_limit).
     headroom = 1 if (f.random_lower_rule == "jr_steps" and f.random_lower > 0) else 0
+    solver_options = {"beta": f.beta} if f.solver == "reversible" else {}
     forward = deq.SolverConfig(
         f.solver, f.max_steps + headroom, f.tol, f.stop_mode, causal_axis=causal_axis, precision=f.precision,
-        options={"early_exit": f.early_exit},
+        options={"early_exit": f.early_exit, **solver_options},
     )
     if b.mode == "implicit":
         backward = deq.SolverConfig(
             b.solver, b.max_steps, b.tol, b.stop_mode, precision=b.precision, options={"early_exit": b.early_exit}
         )
+    elif b.mode == "reversible":
+        backward = deq.Reversible(precision=b.precision)
     else:
         backward = deq.Phantom(b.phantom_steps, b.phantom_damping)
     eval_forward = deq.SolverConfig(
-        f.solver, c.eval.max_steps, f.tol, f.stop_mode, causal_axis=causal_axis, precision=f.precision
+        f.solver, c.eval.max_steps, f.tol, f.stop_mode, causal_axis=causal_axis, precision=f.precision,
+        options=solver_options,
     )
     n = c.correction.n_states
     correction = Correction(n, c.correction.gamma) if n > 1 else None
@@ -93,7 +97,7 @@ def forward(
     *,
     mode: str,
     config: deq.SolverConfig | None = None,
-    backward: deq.SolverConfig | deq.Phantom = deq.DEFAULT_BACKWARD,
+    backward: deq.SolverConfig | deq.Phantom | deq.Reversible = deq.DEFAULT_BACKWARD,
     num_layers: int = 1,
     step_limit: Array | int | None = None,
     probe: deq.BackwardStats | None = None,

@@ -190,7 +190,8 @@ def make_train_step(
     """
     setup = objective.solvers_from_config(c)
     schedule = schedules.from_config(c)
-    implicit = isinstance(setup.backward, deq.SolverConfig)
+    # The implicit and the reversible gradients report their statistics through a probe.
+    reports = isinstance(setup.backward, (deq.SolverConfig, deq.Reversible))
     correction = setup.correction if mode == "deq" else None
     if jr and not jr_weight_enabled(c, mode):
         raise ValueError(f"a {mode!r} train step with jr=True, but the config gives JR no weight in this mode "
@@ -199,7 +200,7 @@ def make_train_step(
 
     def local(params, gamma, step_limit, inputs, targets, keys, memory):
         batch = inputs.shape[0]
-        probe = deq.BackwardStats.zeros(batch) if (mode == "deq" and implicit) else None
+        probe = deq.BackwardStats.zeros(batch) if (mode == "deq" and reports) else None
 
         def loss_fn(params, probe):
             jr_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys) if jr else None

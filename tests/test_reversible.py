@@ -1,0 +1,196 @@
+"""Reversible DEQs (deq_jax.Reversible): the reverse pass's gradient is the exact gradient of
+the coupled iteration, at a memory that does not grow with the number of steps."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import deq_jax
+from deq_jax.train import objective
+from deq_jax.train.config import resolve
+
+
+def _cell(params, x, z):
+    return jnp.tanh(z @ params["w"] + x * params["scale"])
+
+
+def _problem(batch=4, dim=6, dtype=jnp.float64):
+    k1, k2 = jax.random.split(jax.random.key(0))
+    params = {"w": (0.8 * jax.random.normal(k1, (dim, dim)) / np.sqrt(dim)).astype(dtype),
+              "scale": jnp.linspace(0.5, 1.5, batch)[:, None].astype(dtype)}
+    x = jax.random.normal(k2, (batch, dim)).astype(dtype)
+    return params, x
+
+
+def _unrolled(params, x, z0, beta, steps):
+    """The coupled iteration written out, each example for its own number of steps; plain
+    backpropagation through it is the truth."""
+    outs = []
+    for b, n in enumerate(steps):
+        p = {"w": params["w"], "scale": params["scale"][b:b + 1]}
+        y = z = z0[b:b + 1]
+        for _ in range(int(n)):
+            y = (1 - beta) * y + beta * _cell(p, x[b:b + 1], z)
+            z = (1 - beta) * z + beta * _cell(p, x[b:b + 1], y)
+        outs.append(z)
+    return jnp.concatenate(outs)
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.8, 1.2])
+def test_the_gradient_is_backpropagation_through_the_same_coupled_iteration_in_float64(beta):
+    """To 1e-10 in float64, with examples stopping after different numbers of steps (tol met
+    per example, 5-16 steps), for the parameters, the input and z0. (Rebuilding a step
+    amplifies rounding: 1.7x a step at beta 0.5, 4.6x at 0.8 and 2.5x at 1.2 on this map, so
+    past ~30 steps even float64 loses digits; docs/guides/reversible.md has the table.)"""
+    with jax.enable_x64(True):
+        params, x = _problem()
+        z0 = 0.1 * jnp.ones_like(x)
+        target = jnp.linspace(-1.0, 1.0, x.shape[1])
+        forward = deq_jax.SolverConfig("reversible", max_steps=40, tol=1e-3, options={"beta": beta})
+        _, result = deq_jax.fixed_point(_cell, params, x, z0, forward=forward, backward=deq_jax.Reversible())
+        steps = np.asarray(result.n_steps)
+        assert len(set(steps.tolist())) > 1 and steps.max() < 40, steps  # examples stop on their own
+
+        def loss(solve):
+            return lambda p, xx, zz: jnp.sum((solve(p, xx, zz) - target) ** 2 * jnp.arange(1, 7))
+
+        reversible = loss(lambda p, xx, zz: deq_jax.fixed_point(
+            _cell, p, xx, zz, forward=forward, backward=deq_jax.Reversible())[0])
+        truth = loss(lambda p, xx, zz: _unrolled(p, xx, zz, beta, steps))
+        np.testing.assert_allclose(reversible(params, x, z0), truth(params, x, z0), rtol=1e-12)
+        got = jax.grad(reversible, argnums=(0, 1, 2))(params, x, z0)
+        want = jax.grad(truth, argnums=(0, 1, 2))(params, x, z0)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10)
+
+
+def _compiled_temp_bytes(grad_fn, *args) -> int:
+    return jax.jit(grad_fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_the_gradients_memory_does_not_grow_with_the_number_of_steps():
+    """XLA's memory analysis of the compiled gradient: at 10 and at 100 steps the reversible
+    gradient needs the same temporary memory but for the residual traces ([steps + 1, B]
+    floats, two of them); backpropagation through the unrolled iteration stores every step."""
+    batch, dim = 8, 512
+    params, x = _problem(batch, dim, jnp.float32)
+    z0 = jnp.zeros_like(x)
+
+    def reversible(steps):
+        forward = deq_jax.SolverConfig("reversible", max_steps=steps, tol=1e-30, options={"beta": 0.5})
+        return lambda p: jnp.sum(deq_jax.fixed_point(_cell, p, x, z0, forward=forward,
+                                                     backward=deq_jax.Reversible())[0])
+
+    def unrolled(steps):
+        def loss(p):
+            def step(carry, _):
+                y, z = carry
+                y = 0.5 * y + 0.5 * _cell(p, x, z)
+                return (y, 0.5 * z + 0.5 * _cell(p, x, y)), None
+
+            (_, z), _ = jax.lax.scan(step, (z0, z0), None, length=steps)
+            return jnp.sum(z)
+        return loss
+
+    rev = [_compiled_temp_bytes(jax.grad(reversible(n)), params) for n in (10, 100)]
+    unr = [_compiled_temp_bytes(jax.grad(unrolled(n)), params) for n in (10, 100)]
+    traces = 2 * 90 * batch * 4  # the two residual traces grow by 90 rows of B float32
+    assert rev[1] - rev[0] <= traces, rev
+    state = batch * dim * 4
+    assert unr[1] - unr[0] >= 90 * state, unr  # at least one state per step (it keeps ~4)
+
+
+def test_float32_rounding_of_the_reverse_pass_stays_small_for_the_documented_range():
+    """float32 against float64, beta 0.5, 10 steps of a contraction (within the range the docs
+    table finds exact): the gradient agrees to 1e-3 relative."""
+    def grads(dtype):
+        params, x = _problem(4, 16, dtype)
+        forward = deq_jax.SolverConfig("reversible", max_steps=10, tol=1e-30, options={"beta": 0.5})
+        loss = lambda p: jnp.sum(deq_jax.fixed_point(  # noqa: E731
+            _cell, p, x, jnp.zeros_like(x), forward=forward, backward=deq_jax.Reversible())[0] ** 2)
+        return jax.grad(loss)(params)["w"]
+
+    with jax.enable_x64(True):
+        exact = grads(jnp.float64)
+        rounded = grads(jnp.float32)
+        np.testing.assert_allclose(rounded, exact, rtol=0, atol=1e-3 * float(jnp.abs(exact).max()))
+
+
+def test_the_reversible_gradient_needs_the_reversible_solver():
+    params, x = _problem(2, 3, jnp.float32)
+    with pytest.raises(ValueError, match="reverses the reversible solver"):
+        deq_jax.fixed_point(_cell, params, x, jnp.zeros_like(x), backward=deq_jax.Reversible())
+    for beta in (1.0, 0.0, 2.0, "a"):
+        with pytest.raises(ValueError, match="beta must be in"):
+            deq_jax.solvers.reversible(jnp.cos, jnp.zeros((2, 3)), beta=beta)
+
+
+def test_the_backward_probe_reports_the_reversed_steps():
+    params, x = _problem(4, 6, jnp.float32)
+    forward = deq_jax.SolverConfig("reversible", max_steps=30, tol=1e-4, options={"beta": 0.8})
+
+    def loss(p, probe):
+        z, result = deq_jax.fixed_point(_cell, p, x, jnp.zeros_like(x), forward=forward,
+                                        backward=deq_jax.Reversible(), probe=probe)
+        return jnp.sum(z), result
+
+    (_, result), (_, stats) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        params, deq_jax.BackwardStats.zeros(4))
+    np.testing.assert_array_equal(stats.n_steps, result.n_steps)
+    assert float(stats.vjp_evals[0]) == 2 * int(result.n_steps.max())
+
+
+class LinenCell(nn.Module):
+    @nn.compact
+    def __call__(self, x, z):
+        return jnp.tanh(nn.Dense(z.shape[-1])(z) + x)
+
+
+class NNXCell(nnx.Module):
+    def __init__(self, rngs):
+        self.linear = nnx.Linear(6, 6, rngs=rngs)
+
+    def __call__(self, x, z):
+        return jnp.tanh(self.linear(z) + x)
+
+
+class LayersTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_the_linen_and_nnx_layers_accept_the_reversible_mode(self):
+        """Their gradient equals the pure function's (the same map, the same reverse pass)."""
+        forward = deq_jax.SolverConfig("reversible", max_steps=8, tol=1e-5, options={"beta": 0.5})
+        x = jnp.linspace(-1, 1, 24).reshape(4, 6)
+        layer = deq_jax.linen.DEQ(LinenCell(), forward=forward, backward=deq_jax.Reversible())
+        variables = layer.init(jax.random.key(0), x)
+
+        def linen_loss(v):
+            return jnp.sum(layer.apply(v, x)[0] ** 2)
+
+        def pure_loss(cell_params):
+            f = lambda p, xx, z: LinenCell().apply({"params": p}, xx, z)  # noqa: E731
+            return jnp.sum(deq_jax.fixed_point(f, cell_params, x, jnp.zeros_like(x), forward=forward,
+                                               backward=deq_jax.Reversible())[0] ** 2)
+
+        got = self.variant(jax.grad(linen_loss))(variables)["params"]["cell"]
+        want = jax.grad(pure_loss)(variables["params"]["cell"])
+        chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+
+        model = deq_jax.nnx.DEQ(NNXCell(nnx.Rngs(0)), forward=forward, backward=deq_jax.Reversible())
+        grads = nnx.grad(lambda m: jnp.sum(m(x)[0] ** 2))(model)
+        assert float(jnp.abs(grads.cell.linear.kernel.get_value()).max()) > 0
+
+
+def test_the_training_config_selects_the_reversible_mode_and_checks_it():
+    c = resolve({"forward": {"solver": "reversible", "beta": 0.8}, "backward": {"mode": "reversible"}})
+    setup = objective.solvers_from_config(c)
+    assert setup.backward == deq_jax.Reversible()
+    assert setup.forward.name == "reversible" and dict(setup.forward.options)["beta"] == 0.8
+    assert dict(setup.eval_forward.options)["beta"] == 0.8
+    with pytest.raises(ValueError, match="backward.mode 'reversible' needs forward.solver 'reversible'"):
+        resolve({"backward": {"mode": "reversible"}})
+    with pytest.raises(ValueError, match="forward.beta"):
+        resolve({"forward": {"solver": "reversible", "beta": 1.0}, "backward": {"mode": "reversible"}})
