@@ -128,10 +128,13 @@ class Reversible:
 class BackwardStats(NamedTuple):
     """Per-example statistics of the backward pass, each ``[B]`` float32.
 
-    ``n_steps``: adjoint solver updates (for :class:`Phantom`, its ``steps``);
+    ``n_steps``: adjoint solver updates (for :class:`Phantom`, its ``steps``; for
+    :class:`Reversible`, the steps reversed);
     ``abs_residual``/``rel_residual``: of the adjoint equation at the returned u
-    (NaN for :class:`Phantom`, which solves no equation); ``converged``: 1.0 or 0.0;
-    ``vjp_evals``: VJPs of f the backward pass evaluated on the batch (the same for every
+    (NaN for :class:`Phantom`, which solves no equation; for :class:`Reversible`, the
+    error of the rebuilt z_0, absolute and relative to ``||z_n||``: how exact the reversal
+    was); ``converged``: 1.0 or 0.0 (for :class:`Reversible`: the relative error is below
+    :data:`REVERSAL_TOL`); ``vjp_evals``: VJPs of f the backward pass evaluated on the batch (the same for every
     example: the batched loop runs until its slowest example stops); ``nonfinite``: 1.0
     where the adjoint solve met NaN/Inf.
     """
@@ -329,23 +332,40 @@ def _reversible_bwd(f, forward, backward, residuals, cotangent):
     params, x, z0, trajectory, probe = residuals
     g = jax.tree.map(jnp.add, cotangent[0], cotangent[1].z)
     try:
-        (d_params, d_x, d_z0), loop_steps = reverse(f, forward, backward, params, x, z0, trajectory, g)
+        (d_params, d_x, d_z0), rebuilt = reverse(f, forward, backward, params, x, z0, trajectory, g)
     except jax.errors.UnexpectedTracerError as e:
         raise _closure_error(e) from e
     d_probe = None
     if probe is not None:
-        batch = trajectory.z.shape[0]
-        steps = trajectory.steps[:, -1] if trajectory.steps.ndim == 2 else trajectory.steps
-        stats = BackwardStats(
-            n_steps=steps.astype(jnp.float32),
-            abs_residual=jnp.full((batch,), jnp.nan, jnp.float32),
-            rel_residual=jnp.full((batch,), jnp.nan, jnp.float32),
-            converged=jnp.zeros((batch,), jnp.float32),
-            vjp_evals=jnp.full((batch,), 2 * loop_steps, jnp.float32),
-            nonfinite=jnp.zeros((batch,), jnp.float32),
-        )
+        stats = _reversal_stats(z0, rebuilt, trajectory, forward.causal_axis)
         d_probe = jax.tree.map(lambda p, s: s.astype(p.dtype), probe, stats)
     return d_params, d_x, d_z0, d_probe, None
+
+
+# A reversal whose rebuilt z0 is off by more than this, relative to the final state, no longer
+# gives the exact gradient to float32's useful digits (docs/guides/reversible.md).
+REVERSAL_TOL = 1e-3
+
+
+def _reversal_stats(z0, rebuilt, trajectory, causal_axis) -> BackwardStats:
+    """The reverse pass's statistics: the residuals are those of the *reversal*, how far the
+    rebuilt z_0 is from the true one (absolute, and relative to the final z_n); "converged"
+    means relative error < :data:`REVERSAL_TOL`; "nonfinite" that the rebuilt states overflowed."""
+    _, ravel, _ = base.ravel_positions(z0, rebuilt.dtype, causal_axis)
+    z0_mat = ravel(z0)
+    batch = z0_mat.shape[0]
+    error = jnp.sqrt(jnp.sum(((rebuilt - z0_mat) ** 2).reshape(batch, -1), axis=1))
+    scale = jnp.sqrt(jnp.sum((trajectory.z ** 2).reshape(batch, -1), axis=1)) + base.REL_EPS
+    relative = error / scale
+    steps = trajectory.steps[:, -1] if trajectory.steps.ndim == 2 else trajectory.steps
+    return BackwardStats(
+        n_steps=steps.astype(jnp.float32),
+        abs_residual=error.astype(jnp.float32),
+        rel_residual=relative.astype(jnp.float32),
+        converged=(relative < REVERSAL_TOL).astype(jnp.float32),
+        vjp_evals=jnp.full((batch,), 2 * trajectory.loop_steps, jnp.float32),
+        nonfinite=(~jnp.isfinite(relative)).astype(jnp.float32),
+    )
 
 
 _reversible_fixed_point.defvjp(_reversible_fwd, _reversible_bwd)
@@ -360,7 +380,8 @@ def reverse(f, forward, backward, params, x, z0, trajectory, g):
     ``y = (y' - b f(z)) / (1 - b)`` with ``z_bar = (1 - b) z_bar + b y_bar J_f(z)`` and
     ``y_bar = (1 - b) y_bar``; the parameters collect ``b z_bar df/dtheta (y')`` and
     ``b y_bar df/dtheta (z)``. An example (causal: a position) is reversed through its own
-    steps only. Returns ``((d_params, d_x, d_z0), reversed steps)``.
+    steps only. Returns ``((d_params, d_x, d_z0), z0_rebuilt)``, the second the rebuilt z_0 as
+    a working-dtype ``[B, (T,) D]`` array (equal to z0 up to the rounding the reversal amplifies).
     """
     beta = dict(forward.options).get("beta", DEFAULT_BETA)
     dtype = trajectory.z.dtype
@@ -398,12 +419,12 @@ def reverse(f, forward, backward, params, x, z0, trajectory, g):
     g_mat = ravel(g)
     start = (trajectory.loop_steps, trajectory.y, trajectory.z, jnp.zeros_like(g_mat), g_mat,
              [jnp.zeros_like(leaf) for leaf in float_leaves])
-    _, _, _, y_bar, z_bar, grads = jax.lax.while_loop(lambda c: c[0] > 0, body, start)
+    _, _, z_rebuilt, y_bar, z_bar, grads = jax.lax.while_loop(lambda c: c[0] > 0, body, start)
     it = iter(grads)
     d_leaves = [next(it) if fl else np.zeros(jnp.shape(leaf), jax.dtypes.float0)
                 for leaf, fl in zip(leaves, floating, strict=True)]
     d_params, d_x = treedef.unflatten(d_leaves)
-    return (d_params, d_x, unravel(y_bar + z_bar)), trajectory.loop_steps
+    return (d_params, d_x, unravel(y_bar + z_bar)), z_rebuilt
 
 
 def _stats_of(result: base.SolverResult) -> BackwardStats:

@@ -142,6 +142,21 @@ def test_the_backward_probe_reports_the_reversed_steps():
         params, deq_jax.BackwardStats.zeros(4))
     np.testing.assert_array_equal(stats.n_steps, result.n_steps)
     assert float(stats.vjp_evals[0]) == 2 * int(result.n_steps.max())
+    # The residuals are the rebuilt z0's error: small here, so the reversal held.
+    assert float(stats.rel_residual.max()) < 1e-5 and bool(jnp.all(stats.converged == 1))
+
+
+def test_the_probe_flags_a_reversal_that_rounding_has_broken():
+    """float32, beta 0.8, 40 steps: the rebuilt z0 is far off, and the probe says so."""
+    params, x = _problem(4, 16, jnp.float32)
+    forward = deq_jax.SolverConfig("reversible", max_steps=40, tol=1e-30, options={"beta": 0.8})
+
+    def loss(p, probe):
+        return jnp.sum(deq_jax.fixed_point(_cell, p, x, jnp.zeros_like(x), forward=forward,
+                                           backward=deq_jax.Reversible(), probe=probe)[0])
+
+    stats = jax.grad(loss, argnums=1)(params, deq_jax.BackwardStats.zeros(4))
+    assert float(stats.rel_residual.min()) > deq_jax.deq.REVERSAL_TOL and not bool(jnp.any(stats.converged == 1))
 
 
 class LinenCell(nn.Module):

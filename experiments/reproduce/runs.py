@@ -346,14 +346,19 @@ def stats(per_seed: list[dict], keys) -> dict:
 
 def label(c) -> str:
     """A run's regularization in words, from its resolved config: "no reg.", "weight decay 0.5",
-    "JR γ = 1", "JR adaptive (γ0 = 0.5)"."""
+    "JR γ = 1", "JR adaptive (γ0 = 0.5)", with " + FPC (3 states)" for fixed-point correction,
+    and "RevDEQ (β = 0.5)" before it for the reversible gradient."""
     j, wd = c.jr, c.optim.weight_decay
+    rev = f"RevDEQ (β = {c.forward.beta:g})" if c.backward.mode == "reversible" else ""
+    fpc = f" + FPC ({c.correction.n_states} states)" if c.correction.n_states > 1 else ""
     if j.gamma == 0 and j.schedule == "constant":
-        return "no reg." if wd == 0 else f"weight decay {wd:g}"
+        text = ("no reg." if not rev else "") if wd == 0 else f"weight decay {wd:g}"
+        return " + ".join(t for t in (rev, text) if t) + fpc
     text = f"JR γ = {j.gamma:g}" if j.schedule == "constant" else f"JR {j.schedule} (γ0 = {j.gamma:g})"
     if j.pretrain_gamma:
         text += f", also in pretraining (γ = {j.pretrain_gamma:g})"
-    return text + (f" + weight decay {wd:g}" if wd else "")
+    text += f" + weight decay {wd:g}" if wd else ""
+    return " + ".join(t for t in (rev, text) if t) + fpc
 
 
 def final_numbers(run_dir) -> tuple[dict, dict, object]:
