@@ -398,6 +398,7 @@ def reverse(f, forward, backward, params, x, z0, trajectory, g):
         return ravel(f(p, xx, unravel(z)))
 
     float_leaves = [leaf for leaf, fl in zip(leaves, floating, strict=True) if fl]
+    z0_mat = ravel(z0)
 
     def body(carry):
         k, y, z, y_bar, z_bar, grads = carry
@@ -408,7 +409,10 @@ def reverse(f, forward, backward, params, x, z0, trajectory, g):
             z_prev = jnp.where(active, (z - beta * f_y) / (1.0 - beta), z)
             g_theta, g_y = vjp_y(jnp.where(active, beta * z_bar, 0.0).astype(f_y.dtype))
             y_bar_t = y_bar + g_y
-            f_z, vjp_z = jax.vjp(f_mat, float_leaves, z_prev)
+            # The first step's state is known exactly: z0. Linearizing there, not at its rebuilt
+            # copy, matters where f has kinks: a z0 of zeros puts ReLUs exactly at 0, and a
+            # rebuilt 1e-17 would flip their derivative.
+            f_z, vjp_z = jax.vjp(f_mat, float_leaves, jnp.where(k == 0, z0_mat, z_prev))
             y_prev = jnp.where(active, (y - beta * f_z) / (1.0 - beta), y)
             h_theta, g_z = vjp_z(jnp.where(active, beta * y_bar_t, 0.0).astype(f_z.dtype))
         grads = [a + b + c for a, b, c in zip(grads, g_theta, h_theta, strict=True)]
