@@ -34,7 +34,6 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 import deq_jax  # noqa: E402
 
