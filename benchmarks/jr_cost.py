@@ -119,38 +119,43 @@ def cell_row(name: str, repeats: int) -> list:
             f"{eq[4]:.2f}", convs]
 
 
-def step_config(name: str, jr_mode: str = "jvp", limit: int | None = None):
-    """The config's solves at exactly their limit (``limit`` both ways, or the config's)."""
+def step_config(name: str, overrides: dict | None = None):
+    """The config's solves at exactly their limit, with ``overrides`` (``{group: {key: value}}``)."""
     from deq_jax.configs import digits, lm_pydoc
     from deq_jax.train import config as config_lib
 
     c = {"digits": digits, "pydoc": lm_pydoc}[name].get_config()
     c.forward.early_exit = c.backward.early_exit = False
     c.forward.random_lower = 0
-    c.jr.mode = jr_mode
-    if limit is not None:
-        c.forward.max_steps = c.backward.max_steps = limit
+    c.jr.mode = "jvp"
+    for group, values in (overrides or {}).items():
+        c[group].update(values)
     return config_lib.resolve(c)
 
 
-# (label, JR term, jr.mode, limit both ways: None = the config's). The last row is the
-# step's floor: one solver step each way, what the step costs outside the solves.
-STEPS = (("no JR", False, "jvp", None), ("JR every step, jr.mode jvp", True, "jvp", None),
-         ("JR every step, jr.mode vjp", True, "vjp", None), ("no JR, limits 1/1", False, "jvp", 1))
+# (label, JR term, config overrides). The last row is the step's floor: one solver step each
+# way, what the step costs outside the solves.
+STEPS = (("no JR", False, {}), ("JR every step, jr.mode jvp", True, {}),
+         ("JR every step, jr.mode vjp", True, {"jr": {"mode": "vjp"}}),
+         ("no JR, limits 1/1", False, {"forward": {"max_steps": 1}, "backward": {"max_steps": 1}}))
 
 
-def step_rows(name: str, repeats: int) -> list[list]:
-    """The config's DEQ train step without and with the JR term (each ``jr.mode``), interleaved."""
+def step_rows(name: str, repeats: int, settings=STEPS) -> list[list]:
+    """The config's DEQ train step in each of ``settings`` (the first is the baseline),
+    timed in interleaved rounds over the same 4 batches. A row: config, label, f / VJP
+    evaluations of the forward and backward pass, median and min ms, their ratios to the
+    baseline, conditionals and fast convolutions in the compiled step, and XLA's temporary
+    memory of the compiled step (MB; its peak working memory beyond parameters and batch)."""
     from deq_jax.train import step as step_lib
     from deq_jax.train.optim import make_optimizer
     from deq_jax.train.tasks import make_task
 
     task = make_task(step_config(name))
     mesh = step_lib.make_mesh()
-    batches = [task.train_batch(s) for s in range(4)]
+    batches = [task.train_batch(s, None) for s in range(4)]
     runs = {}
-    for label, jr, jr_mode, limit in STEPS:
-        c = step_config(name, jr_mode, limit)
+    for label, jr, overrides in settings:
+        c = step_config(name, overrides)
         tx, lr = make_optimizer(c)
         state = step_lib.init_state(task.model, c, tx, task.sample_input, mesh)
         train_step = step_lib.make_train_step(task.model, c, tx, lr, mesh, "deq", jr=jr)
@@ -159,7 +164,8 @@ def step_rows(name: str, repeats: int) -> list[list]:
         labels = re.findall(r"dim_labels=([\w>-]+)", text)
         state, metrics = compiled(state, *batches[0])  # warm up
         runs[label] = {"compiled": compiled, "state": state, "times": [], "metrics": jax.device_get(metrics),
-                       "conds": text.count("conditional("), "convs": (sum(x == FAST_CONV for x in labels), len(labels))}
+                       "conds": text.count("conditional("), "convs": (sum(x == FAST_CONV for x in labels), len(labels)),
+                       "temp_mb": compiled.memory_analysis().temp_size_in_bytes / 2**20}
     for _ in range(repeats):
         for r in runs.values():
             for batch in batches:
@@ -167,15 +173,20 @@ def step_rows(name: str, repeats: int) -> list[list]:
                 r["state"], metrics = r["compiled"](r["state"], *batch)
                 jax.block_until_ready(metrics)
                 r["times"].append(time.perf_counter() - start)
-    base = runs["no JR"]["times"]
+    base = runs[settings[0][0]]["times"]
     rows = []
     for label, r in runs.items():
         m, (fast, total) = r["metrics"], r["convs"]
         rows.append([name, label, f"{m['fwd_nfe']:.0f} / {m['bwd_nfe']:.0f}",
                      f"{1e3 * statistics.median(r['times']):.1f}", f"{1e3 * min(r['times']):.1f}",
                      f"{statistics.median(r['times']) / statistics.median(base):.2f}",
-                     f"{min(r['times']) / min(base):.2f}", r["conds"], f"{fast}/{total}" if total else "–"])
+                     f"{min(r['times']) / min(base):.2f}", r["conds"], f"{fast}/{total}" if total else "–",
+                     f"{r['temp_mb']:.1f}"])
     return rows
+
+
+STEP_HEADER = ["config", "step", "fwd / bwd NFE", "median ms", "min ms", "median / first", "min / first",
+               "conditionals", "fast conv", "XLA temp MB"]
 
 
 def main(argv=None) -> None:
@@ -197,8 +208,7 @@ def main(argv=None) -> None:
     if configs:
         print("The DEQ train step at equal solver work (both solves run their whole limit):\n")
         rows = [row for name in configs for row in step_rows(name, max(2, args.repeats // 3))]
-        print(_table(["config", "step", "fwd / bwd NFE", "median ms", "min ms", "median / no JR", "min / no JR",
-                      "conditionals", "fast conv"], rows))
+        print(_table(STEP_HEADER, rows))
 
 
 if __name__ == "__main__":

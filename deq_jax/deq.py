@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deq_jax import solvers
-from deq_jax.solvers import base
+from deq_jax.solvers import base, conv_layout
 from deq_jax.solvers.reversible import DEFAULT_BETA, iterate
 
 Array = jax.Array
@@ -397,6 +397,13 @@ def reverse(f, forward, backward, params, x, z0, trajectory, g):
         p, xx = merge(float_leaves)
         return ravel(f(p, xx, unravel(z)))
 
+    def f_and_vjp(inputs):  # f(z) and the cotangent's VJP at z, in one function of one pytree
+        float_leaves, z, cotangent = inputs
+        out, vjp = jax.vjp(f_mat, float_leaves, z)
+        return out, vjp(cotangent.astype(out.dtype))
+
+    # Its convolutions (the VJP's transposed ones too) in XLA CPU's fast layout, as the solvers do.
+    f_and_vjp = conv_layout.on_cpu(f_and_vjp)
     float_leaves = [leaf for leaf, fl in zip(leaves, floating, strict=True) if fl]
     z0_mat = ravel(z0)
 
@@ -405,16 +412,15 @@ def reverse(f, forward, backward, params, x, z0, trajectory, g):
         k = k - 1
         active = (trajectory.steps > k)[..., None]
         with base.precision_scope(backward.precision):
-            f_y, vjp_y = jax.vjp(f_mat, float_leaves, y)
+            f_y, (g_theta, g_y) = f_and_vjp((float_leaves, y, jnp.where(active, beta * z_bar, 0.0)))
             z_prev = jnp.where(active, (z - beta * f_y) / (1.0 - beta), z)
-            g_theta, g_y = vjp_y(jnp.where(active, beta * z_bar, 0.0).astype(f_y.dtype))
             y_bar_t = y_bar + g_y
             # The first step's state is known exactly: z0. Linearizing there, not at its rebuilt
             # copy, matters where f has kinks: a z0 of zeros puts ReLUs exactly at 0, and a
             # rebuilt 1e-17 would flip their derivative.
-            f_z, vjp_z = jax.vjp(f_mat, float_leaves, jnp.where(k == 0, z0_mat, z_prev))
+            f_z, (h_theta, g_z) = f_and_vjp(
+                (float_leaves, jnp.where(k == 0, z0_mat, z_prev), jnp.where(active, beta * y_bar_t, 0.0)))
             y_prev = jnp.where(active, (y - beta * f_z) / (1.0 - beta), y)
-            h_theta, g_z = vjp_z(jnp.where(active, beta * y_bar_t, 0.0).astype(f_z.dtype))
         grads = [a + b + c for a, b, c in zip(grads, g_theta, h_theta, strict=True)]
         z_bar = jnp.where(active, (1.0 - beta) * z_bar + g_z, z_bar)
         y_bar = jnp.where(active, (1.0 - beta) * y_bar_t, y_bar)
@@ -473,11 +479,10 @@ def damped_unroll(f: Callable, params: PyTree, x: PyTree, z: PyTree, steps: int,
     """``steps`` damped applications of f from z, differentiated normally:
     ``z_{i+1} = (1 - damping) f(params, x, z_i) + damping z_i``."""
 
-    def body(z, _):
-        fz = f(params, x, z)
-        return jax.tree.map(lambda a, b: (1.0 - damping) * a + damping * b, fz, z), None
-
-    z, _ = jax.lax.scan(body, z, None, length=steps, unroll=True)
+    # A Python loop, not a scan: XLA's CPU backend puts convolutions in its fast layout in the
+    # entry computation only, not in a loop's body (deq_jax.solvers.conv_layout).
+    for _ in range(steps):
+        z = jax.tree.map(lambda a, b: (1.0 - damping) * a + damping * b, f(params, x, z), z)
     return z
 
 

@@ -131,7 +131,7 @@ def test_the_reversible_gradient_needs_the_reversible_solver():
 
 def test_the_backward_probe_reports_the_reversed_steps():
     params, x = _problem(4, 6, jnp.float32)
-    forward = deq_jax.SolverConfig("reversible", max_steps=30, tol=1e-4, options={"beta": 0.8})
+    forward = deq_jax.SolverConfig("reversible", max_steps=8, tol=1e-1, options={"beta": 0.5})
 
     def loss(p, probe):
         z, result = deq_jax.fixed_point(_cell, p, x, jnp.zeros_like(x), forward=forward,
@@ -142,8 +142,12 @@ def test_the_backward_probe_reports_the_reversed_steps():
         params, deq_jax.BackwardStats.zeros(4))
     np.testing.assert_array_equal(stats.n_steps, result.n_steps)
     assert float(stats.vjp_evals[0]) == 2 * int(result.n_steps.max())
-    # The residuals are the rebuilt z0's error: small here, so the reversal held.
-    assert float(stats.rel_residual.max()) < 1e-5 and bool(jnp.all(stats.converged == 1))
+    assert len(set(np.asarray(result.n_steps).tolist())) > 1  # examples stop on their own
+    # The residuals are the rebuilt z0's error: below REVERSAL_TOL here (few steps), growing
+    # with the steps reversed (rounding amplified at each).
+    assert float(stats.rel_residual.max()) < deq_jax.deq.REVERSAL_TOL and bool(jnp.all(stats.converged == 1))
+    order = np.argsort(np.asarray(result.n_steps))
+    assert np.all(np.diff(np.asarray(stats.rel_residual)[order]) > 0)
 
 
 def test_the_probe_flags_a_reversal_that_rounding_has_broken():
