@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -225,6 +226,8 @@ def fixed_point(
         if step_limit.shape != ():
             raise ValueError(f"step_limit must be a scalar, got shape {step_limit.shape}")
     _check_batch(x, z0)
+    if isinstance(backward, Reversible):
+        _warn_if_reversal_cannot_hold(forward, z0)
     solve = _reversible_fixed_point if isinstance(backward, Reversible) else _fixed_point
     try:
         return solve(f, forward, backward, params, x, z0, probe, step_limit)
@@ -340,6 +343,36 @@ def _reversible_bwd(f, forward, backward, residuals, cotangent):
         stats = _reversal_stats(z0, rebuilt, trajectory, forward.causal_axis)
         d_probe = jax.tree.map(lambda p, s: s.astype(p.dtype), probe, stats)
     return d_params, d_x, d_z0, d_probe, None
+
+
+def reversal_amplification(beta: float, steps: int) -> float:
+    """The most a reverse pass of ``steps`` steps can amplify a rounding error of the last
+    state, for a contractive f: ``|1 - beta| ** (-2 * steps)`` (a step of the coupled
+    iteration has determinant ``(1 - beta)^2`` per direction; along a direction where J_f has
+    eigenvalue near 1 the forward step keeps one factor ~1, so the other is (1 - beta)^2)."""
+    return abs(1.0 - beta) ** (-2.0 * steps)
+
+
+def _warn_if_reversal_cannot_hold(forward: SolverConfig, z0) -> None:
+    """A warning when rounding in z0's dtype, amplified by :func:`reversal_amplification`, can
+    exceed :data:`REVERSAL_TOL`: the gradient may then be far from exact (measured in
+    docs/guides/reversible.md); the probe's ``rel_residual`` says how far the reversal got."""
+    beta = dict(forward.options).get("beta", DEFAULT_BETA)
+    dtype = base.working_dtype([jnp.result_type(leaf) for leaf in jax.tree.leaves(z0)])
+    eps = float(jnp.finfo(dtype).eps)
+    if eps * reversal_amplification(beta, forward.max_steps) <= REVERSAL_TOL:
+        return
+    safe = 0
+    while eps * reversal_amplification(beta, safe + 1) <= REVERSAL_TOL:
+        safe += 1
+    warnings.warn(
+        f"the reversible gradient with beta={beta:g} over max_steps={forward.max_steps} in {np.dtype(dtype).name} may "
+        f"not be exact: its reverse pass can amplify rounding up to |1 - beta|^(-2 steps) = "
+        f"{reversal_amplification(beta, forward.max_steps):.1e}x. It holds within {safe} steps at this beta (the "
+        f"closer beta is to 1, the fewer), or in float64; the backward probe's rel_residual measures the rebuilt "
+        f"z0's error. See docs/guides/reversible.md.",
+        stacklevel=3,
+    )
 
 
 # A reversal whose rebuilt z0 is off by more than this, relative to the final state, no longer
