@@ -10,7 +10,9 @@ u . df/dparams with u from one of:
 * :class:`SolverConfig` (implicit, the default): solve the adjoint fixed point
   ``u = u J_f(z*) + g`` (J_f = df/dz at z*) with a solver of its own;
 * :class:`Phantom`: differentiate through ``steps`` damped applications of f started
-  at z* (``steps=1, damping=0`` is Jacobian-free backprop, u = g).
+  at z* (``steps=1, damping=0`` is Jacobian-free backprop, u = g);
+* :class:`Reversible` (with the ``"reversible"`` forward solver, RevDEQ): the exact
+  gradient of the coupled iteration's steps, rebuilt backwards instead of stored.
 
 The backward solve's statistics leave the backward pass through a *probe*: pass
 ``probe=BackwardStats.zeros(B)`` and take the gradient with respect to it; that
@@ -186,7 +188,8 @@ def fixed_point(
         or ``x``, never by closure.
       params, x: pytrees (``x`` may be None); every leaf of ``x`` is per example, with
         z0's batch size as its leading axis.
-      z0: initial batch; the gradient with respect to it is zero.
+      z0: initial batch; the gradient with respect to it is zero (but with
+        :class:`Reversible`, which differentiates the iteration from z0).
       forward: the forward solver.
       backward: a :class:`SolverConfig` for the implicit backward solve, a
         :class:`Phantom`, or :class:`Reversible` (with the ``"reversible"`` forward solver:
@@ -345,6 +348,11 @@ def _reversible_bwd(f, forward, backward, residuals, cotangent):
     return d_params, d_x, d_z0, d_probe, None
 
 
+# A reversal whose rebuilt z0 is off by more than this, relative to the final state, no longer
+# gives the exact gradient to float32's useful digits (docs/guides/reversible.md).
+REVERSAL_TOL = 1e-3
+
+
 def reversal_amplification(beta: float, steps: int) -> float:
     """The most a reverse pass of ``steps`` steps can amplify a rounding error of the last
     state, for a contractive f: ``|1 - beta| ** (-2 * steps)`` (a step of the coupled
@@ -373,11 +381,6 @@ def _warn_if_reversal_cannot_hold(forward: SolverConfig, z0) -> None:
         f"z0's error. See docs/guides/reversible.md.",
         stacklevel=3,
     )
-
-
-# A reversal whose rebuilt z0 is off by more than this, relative to the final state, no longer
-# gives the exact gradient to float32's useful digits (docs/guides/reversible.md).
-REVERSAL_TOL = 1e-3
 
 
 def _reversal_stats(z0, rebuilt, trajectory, causal_axis) -> BackwardStats:
