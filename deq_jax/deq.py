@@ -458,8 +458,10 @@ def reverse(f, forward, backward, params, x, z0, trajectory, g):
                 (float_leaves, jnp.where(k == 0, z0_mat, z_prev), jnp.where(active, beta * y_bar_t, 0.0)))
             y_prev = jnp.where(active, (y - beta * f_z) / (1.0 - beta), y)
         grads = [a + b + c for a, b, c in zip(grads, g_theta, h_theta, strict=True)]
-        z_bar = jnp.where(active, (1.0 - beta) * z_bar + g_z, z_bar)
-        y_bar = jnp.where(active, (1.0 - beta) * y_bar_t, y_bar)
+        # A stopped example (causal: position) passes its state through unchanged; what the active
+        # ones' f read from it (causal: later positions read earlier ones) still flows into it.
+        z_bar = jnp.where(active, (1.0 - beta) * z_bar, z_bar) + g_z
+        y_bar = jnp.where(active, (1.0 - beta) * y_bar_t, y_bar_t)
         return k, y_prev, z_prev, y_bar, z_bar, grads
 
     g_mat = ravel(g)

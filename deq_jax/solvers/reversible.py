@@ -125,8 +125,11 @@ def iterate(
     def body(s: _Loop):
         ran = True if early_exit else cond(s)
         stopped = s.stopped if early_exit else s.stopped | ~ran
-        y = (1.0 - beta) * s.y + beta * s.fz
-        z = (1.0 - beta) * s.z + beta * f_mat(y)
+        # A stopped example (causal: position) keeps its y and z also while f is evaluated:
+        # later positions read earlier ones, and must see them as they stay.
+        frozen = stopped[..., None]
+        y = jnp.where(frozen, s.y, (1.0 - beta) * s.y + beta * s.fz)
+        z = jnp.where(frozen, s.z, (1.0 - beta) * s.z + beta * f_mat(y))
         fz = f_mat(z)
         abs_res, rel_res, metric, finite, met = measure(z, fz)
         k = s.k + 1
