@@ -28,14 +28,21 @@ import datetime
 import os
 import platform
 import subprocess
+import sys
 
-import jax
+if __name__ == "__main__":
+    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if ROOT not in sys.path:  # `python benchmarks/reversible_precision.py` without PYTHONPATH=.
+        sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 
 import deq_jax  # noqa: E402
+from benchmarks.jr_cost import mdeq_digits  # noqa: E402
 
 
 def tanh_cell():
@@ -50,23 +57,7 @@ def tanh_cell():
     return f, {"w": w}, x, jnp.zeros_like(x)
 
 
-def mdeq_digits_cell():
-    from deq_jax import data
-    from deq_jax.models import MDEQ
-
-    model = MDEQ("digits")
-    images = jnp.asarray(data.train_batch(data.load_digits(), 0, 8, seed=0)[0])
-    variables = model.init(jax.random.key(0), images, unroll=1)
-    x = model.apply(variables, images, method="inject")
-    z0 = model.apply(variables, x, method="initial_state")
-
-    def f(params, x, z):
-        return model.apply({"params": params}, x, z, method="cell")
-
-    return f, variables["params"], x, z0
-
-
-CELLS = {"tanh": tanh_cell, "mdeq_digits": mdeq_digits_cell}
+CELLS = {"tanh": tanh_cell, "mdeq_digits": lambda: mdeq_digits(batch=8)}
 
 
 def cast(tree, dtype):
