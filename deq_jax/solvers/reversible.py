@@ -193,10 +193,11 @@ def reversible(
 ) -> base.SolverResult:
     """Solves ``z = f(z)`` per example with the reversible coupled iteration (module doc).
 
+    ``f``, ``z0``, ``max_steps`` (coupled steps, two f evaluations each), ``tol``,
+    ``stop_mode``, ``step_limit``, ``causal_axis``, ``precision``, ``early_exit`` and
+    ``snapshots`` are as for :func:`deq_jax.solvers.broyden`.
+
     Args:
-      f, z0, max_steps, tol, stop_mode, step_limit, causal_axis, precision, early_exit,
-        snapshots: as for :func:`deq_jax.solvers.broyden` (``max_steps`` counts coupled
-        steps, two f evaluations each).
       beta: the relaxation, in (0, 2) and not 1.
 
     Returns:
