@@ -2,7 +2,6 @@
 their weights and gradients, checked against the definition computed independently."""
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,17 +112,7 @@ def test_the_corrected_loss_and_its_gradient_are_the_definition():
 
 
 def test_the_linen_and_nnx_layers_return_the_states_to_supervise():
-    class LinenCell(nn.Module):
-        @nn.compact
-        def __call__(self, x, z):
-            return jnp.tanh(nn.Dense(z.shape[-1])(z) + x)
-
-    class NNXCell(nnx.Module):
-        def __init__(self, rngs):
-            self.linear = nnx.Linear(6, 6, rngs=rngs)
-
-        def __call__(self, x, z):
-            return jnp.tanh(self.linear(z) + x)
+    from test_reversible import LinenCell, NNXCell
 
     x = jnp.ones((4, 6))
     correction = deq_jax.Correction(2, gamma=0.5)

@@ -315,6 +315,30 @@ def _checked_f(f, z0, ravel, unravel):
     return f_flat
 
 
+def stop_test(tol: float, stop_mode: str, causal: bool) -> tuple[Callable, Callable]:
+    """The loops' shared stopping rule, as ``(measure, whole)``.
+
+    ``measure(z, fz) -> (abs_res, rel_res, metric, finite, met)``: per example ``[B]``
+    (causal: per position, the prefix residuals ``[B, T]``), ``metric`` the stop-mode
+    residual, ``met`` finite and below ``tol`` (causal: for every prefix up to t, so the
+    stopped positions are a prefix). ``whole(x)``: a per-position ``[B, T]`` quantity as the
+    whole example's ``[B]`` (its last prefix); the identity otherwise.
+    """
+    use_rel = stop_mode == "rel"
+
+    def measure(z, fz):
+        abs_res, rel_res = prefix_residuals(z, fz)
+        metric = rel_res if use_rel else abs_res
+        finite = jnp.isfinite(metric) & jnp.isfinite(abs_res)
+        met = finite & ((jax.lax.cummax(metric, axis=1) if causal else metric) < tol)
+        return abs_res, rel_res, metric, finite, met
+
+    def whole(x):
+        return x[:, -1] if causal else x
+
+    return measure, whole
+
+
 class _Loop(NamedTuple):
     """The loop's carry: ``z``-like arrays ``[B, D]`` (causal: ``[B, T, D]``), per-example
     ones ``[B]`` (causal: per position, ``[B, T]``)."""
@@ -377,16 +401,7 @@ def solve(
     use_rel = stop_mode == "rel"
     causal = causal_axis is not None
 
-    def measure(z, fz):
-        abs_res, rel_res = prefix_residuals(z, fz)
-        metric = rel_res if use_rel else abs_res
-        finite = jnp.isfinite(metric) & jnp.isfinite(abs_res)
-        # Causal: position t may stop once every prefix up to t meets tol.
-        met = finite & ((jax.lax.cummax(metric, axis=1) if causal else metric) < tol)
-        return abs_res, rel_res, metric, finite, met
-
-    def whole(x):  # per-position [B, T] -> the whole example's [B] (its last prefix)
-        return x[:, -1] if causal else x
+    measure, whole = stop_test(tol, stop_mode, causal)
 
     fz0 = f_mat(z0_mat)
     abs0, rel0, metric0, finite0, met0 = measure(z0_mat, fz0)

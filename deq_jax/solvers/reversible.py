@@ -95,18 +95,9 @@ def iterate(
     z0_mat, ravel, unravel = base.ravel_positions(z0, dtype, causal_axis)
     f_mat = conv_layout.on_cpu(base._checked_f(f, z0, ravel, unravel))
     causal = causal_axis is not None
-    use_rel = stop_mode == "rel"
     batch = z0_mat.shape[0]
 
-    def measure(z, fz):
-        abs_res, rel_res = base.prefix_residuals(z, fz)
-        metric = rel_res if use_rel else abs_res
-        finite = jnp.isfinite(metric) & jnp.isfinite(abs_res)
-        met = finite & ((jax.lax.cummax(metric, axis=1) if causal else metric) < tol)
-        return abs_res, rel_res, metric, finite, met
-
-    def whole(x):
-        return x[:, -1] if causal else x
+    measure, whole = base.stop_test(tol, stop_mode, causal)
 
     fz0 = f_mat(z0_mat)
     abs0, rel0, metric0, finite0, met0 = measure(z0_mat, fz0)
