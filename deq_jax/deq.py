@@ -116,7 +116,7 @@ class Reversible:
     ``SolverConfig("reversible", ...)``: the backward pass runs the n steps each example
     took in reverse, rebuilding y_k and z_k algebraically from y_{k+1} and z_{k+1} instead
     of storing them, and accumulates the gradient of exactly that n-step computation (two
-    VJPs of f a step; memory independent of n). See :mod:`deq_jax.solvers.reversible`.
+    VJPs of f a step; memory independent of n). See ``deq_jax.solvers.reversible``.
 
     Attributes:
       precision: matmul precision of the VJPs of f (as :class:`SolverConfig`'s).
