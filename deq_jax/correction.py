@@ -1,14 +1,14 @@
 """Fixed-point correction: supervise several iterates of the forward solve, not only z*.
 
-From Bai, Koltun & Kolter's later work on DEQ training ("Deep Equilibrium Optical Flow
-Estimation", 2022) and torchdeq's ``n_states`` / ``fp_correction``. The forward solve
+From Bai, Geng, Kolter & Koltun's later work on DEQ training ("Deep Equilibrium Optical
+Flow Estimation", 2022) and torchdeq's ``n_states`` / ``fp_correction``. The forward solve
 records ``n_states`` iterates at uniformly spaced step counts ``k_1 < ... < k_n = K``
 (``K``: the solve's step limit), and the loss is
 
     L_fpc = sum_i gamma^(n - i) * L(head(z_i)),    i = 1..n,
 
 so the last state, z* itself, has weight 1 and earlier ones decay by ``gamma``. The last
-state carries the layer's own gradient (implicit or phantom); each earlier one is
+state carries the layer's own gradient (implicit, phantom or reversible); each earlier one is
 ``phantom`` damped applications of f from that iterate, held constant
 (``stop_gradient``), differentiated through those applications only (torchdeq's
 default: one undamped step). Supervising early iterates asks the cell to reach a good
