@@ -143,25 +143,9 @@ def test_the_training_config_turns_it_on_and_checks_it():
 def test_a_training_step_with_correction_reports_the_same_loss_and_takes_another_step(data):
     """The MDEQ and the DEQ-Transformer: the reported loss is z*'s (the forward pass is the
     same), the gradient is not (the earlier states add their loss)."""
-    from deq_jax.train import step as step_lib
-    from deq_jax.train.optim import make_optimizer
-    from deq_jax.train.tasks import make_task
+    from test_reversible import first_deq_step
 
-    small = {"train": {"batch_size": 8, "seq_len": 16, "num_steps": 6, "pretrain_steps": 2},
-             "forward": {"max_steps": 6, "random_lower": 0}, "backward": {"max_steps": 6}, "data": {"name": data}}
-    if data == "pydoc":
-        small["model"] = {"d_model": 32, "num_heads": 4, "d_ff": 64}
-    outcomes = []
-    for n_states in (1, 3):
-        c = resolve(small | {"correction": {"n_states": n_states}})
-        task = make_task(c)
-        mesh = step_lib.make_mesh()
-        tx, lr = make_optimizer(c)
-        state = step_lib.init_state(task.model, c, tx, task.sample_input, mesh)
-        train_step = step_lib.make_train_step(task.model, c, tx, lr, mesh, "deq", jr=False)
-        _, metrics = train_step(state, *task.train_batch(0, None))
-        assert float(metrics["skipped"]) == 0
-        outcomes.append((float(metrics["loss"]), float(metrics["grad_norm"])))
-    (loss_plain, grad_plain), (loss_fpc, grad_fpc) = outcomes
+    outcomes = [first_deq_step(data, {"correction": {"n_states": n}}) for n in (1, 3)]
+    (loss_plain, grad_plain), (loss_fpc, grad_fpc) = [(m["loss"], m["grad_norm"]) for m in outcomes]
     np.testing.assert_allclose(loss_fpc, loss_plain, rtol=1e-5)
     assert abs(grad_fpc - grad_plain) > 1e-3 * grad_plain
